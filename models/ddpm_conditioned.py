@@ -1,0 +1,143 @@
+"""Conditional DDPM for denoising: the UNet sees cat([x_t, x_cond]).
+
+Batches are dicts with ``x_cond`` (noisy image) and ``x_prior`` (clean image), both in
+model units [-1, 1]. A noise level ``sigma`` is always the std on the [0, 1] image scale,
+i.e. 2*sigma in model units.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from diffusion_modules.unet_arch.unet_rosinality import pad_to_multiple
+from models.ddpm_st_diffusion import DDPM
+
+
+class ConditionDDPM(DDPM):
+    """DDPM conditioned by concatenation, with condition dropout and guidance.
+
+    ``p_uncond``: probability that a training example sees a zero (null) condition, which
+    makes classifier-free guidance possible; ``guidance_scale`` 1 uses the conditional
+    prediction only, s > 1 extrapolates away from the unconditional one.
+    """
+
+    def __init__(self, *args, conditioning_key: str = "concat", p_uncond: float = 0.0,
+                 val_denoise_steps: int = 10, **kwargs):
+        if conditioning_key != "concat":
+            raise ValueError(f"conditioning_key '{conditioning_key}' unsupported; only 'concat' is implemented")
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")
+        super().__init__(*args, **kwargs)
+        self.p_uncond = p_uncond
+        self.val_denoise_steps = val_denoise_steps
+
+    def get_condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return batch["x_cond"]
+
+    def apply_model(self, x_t, t, cond=None):
+        if cond is None:
+            raise ValueError("ConditionDDPM needs a condition image (the noisy input)")
+        return self.net(torch.cat([x_t, cond], dim=1), t)
+
+    def model_output(self, x_t, t, cond=None, guidance_scale: float = 1.0):
+        out = self.apply_model(x_t, t, cond)
+        if guidance_scale == 1.0:
+            return out
+        # eps, x0 and v are affine in each other for fixed x_t, so guiding the raw output
+        # is the same as guiding eps.
+        out_uncond = self.apply_model(x_t, t, torch.zeros_like(cond))
+        return out_uncond + guidance_scale * (out - out_uncond)
+
+    def p_losses(self, x0, cond, t, noise=None):
+        if self.training and self.p_uncond > 0:
+            keep = (torch.rand(cond.shape[0], device=cond.device) >= self.p_uncond).to(cond.dtype)
+            cond = cond * keep.reshape(-1, *([1] * (cond.ndim - 1)))
+        return super().p_losses(x0, cond, t, noise)
+
+    # ------------------------------------------------------------------ sampling
+    def start_timestep(self, t_start, sigma: float | None) -> int | None:
+        """Resolve ``t_start``: None, an int, or "auto" (needs sigma on the [0, 1] scale)."""
+        if t_start is None:
+            return None
+        if t_start == "auto":
+            if sigma is None:
+                raise ValueError("t_start='auto' needs the noise level sigma (std on the [0, 1] scale)")
+            return self.noise_to_timestep(2.0 * float(sigma))
+        t_start = int(t_start)
+        if not 0 <= t_start < self.num_timesteps:
+            raise ValueError(f"t_start={t_start} must lie in [0, {self.num_timesteps - 1}]")
+        return t_start
+
+    @torch.no_grad()
+    def sample(self, cond: torch.Tensor, sampler: str = "ddim", steps: int | None = 50, eta: float = 0.0,
+               t_start=None, sigma: float | None = None, guidance_scale: float = 1.0,
+               generator: torch.Generator | None = None, use_ema: bool = True) -> torch.Tensor:
+        """One clean estimate per condition image (B, 1, H, W) in [-1, 1].
+
+        From pure noise at T-1 by default; with ``t_start`` the chain starts at that timestep
+        from the condition scaled by sqrt(alpha_bar) (``"auto"`` matches it to ``sigma``).
+        H and W are padded (reflect) to what the UNet needs and cropped back.
+        """
+        t0 = self.start_timestep(t_start, sigma)
+        h, w = cond.shape[-2:]
+        cond_p = pad_to_multiple(cond, self.unet.size_factor)
+        if t0 is None:
+            x_T = torch.randn(cond_p.shape, generator=generator, device=cond.device, dtype=cond.dtype)
+        else:
+            x_T = self.sqrt_alphas_cumprod[t0] * cond_p
+        out = self._sample_from(x_T, cond_p, sampler, steps, eta, t0, guidance_scale, generator, use_ema)
+        return out[..., :h, :w]
+
+    @torch.no_grad()
+    def denoise(self, noisy: torch.Tensor, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+                n_samples: int = 1, guidance_scale: float = 1.0, t_start=None, sigma: float | None = None,
+                return_std: bool = False, batch_size: int = 16, generator: torch.Generator | None = None):
+        """Posterior mean of ``n_samples`` clean estimates of ``noisy`` (B, 1, H, W) in [-1, 1].
+
+        Samples are drawn ``batch_size`` at a time. With ``return_std`` also returns the
+        per-pixel std of the samples (model units; zeros for one sample).
+        """
+        if noisy.ndim != 4:
+            raise ValueError(f"noisy must be (B, C, H, W), got shape {tuple(noisy.shape)}")
+        if not torch.isfinite(noisy).all():
+            raise ValueError("noisy input contains NaN or inf values")
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        noisy = noisy.to(self.device, torch.float32)
+        repeated = noisy.repeat_interleave(n_samples, dim=0)
+        outs = [self.sample(chunk, sampler, steps, eta, t_start, sigma, guidance_scale, generator)
+                for chunk in repeated.split(batch_size)]
+        samples = torch.cat(outs).reshape(noisy.shape[0], n_samples, *noisy.shape[1:])
+        mean = samples.mean(dim=1)
+        if return_std:
+            std = samples.std(dim=1, unbiased=False)
+            return mean, std
+        return mean
+
+    # ------------------------------------------------------------------ validation and images
+    def denoise_matched(self, cond: torch.Tensor, sigmas: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:
+        """Deterministic DDIM from each image's matched start (one sigma per image, [0, 1] scale)."""
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        return torch.cat([self.denoise(c[None], steps=steps, t_start="auto", sigma=float(s), generator=g)
+                          for c, s in zip(cond, sigmas)])
+
+    def validation_step(self, batch, batch_idx):
+        loss = super().validation_step(batch, batch_idx)
+        if batch_idx == 0 and "sigma" in batch:
+            n = min(8, batch["x_cond"].shape[0])
+            pred = self.denoise_matched(batch["x_cond"][:n], batch["sigma"][:n], self.val_denoise_steps)
+            mse = ((pred - batch["x_prior"][:n]) / 2).pow(2).mean(dim=(1, 2, 3)).clamp(min=1e-12)
+            self.log("val/psnr_ema", (-10 * torch.log10(mse)).mean(), prog_bar=True, batch_size=n)
+        return loss
+
+    @torch.no_grad()
+    def log_images(self, batch, n: int = 4, steps: int = 20, diffusion_points: int = 5):
+        """Named rows in [-1, 1]: clean, noisy, denoised from the matched start and from pure noise."""
+        x0, cond = batch["x_prior"][:n], batch["x_cond"][:n]
+        rows = {"inputs": x0, "conditioning": cond}
+        if "sigma" in batch:
+            rows["denoised_matched_start"] = self.denoise_matched(cond, batch["sigma"][:n], steps)
+        g = torch.Generator(device=self.device).manual_seed(0)
+        rows["samples"] = self.denoise(cond, steps=steps, generator=g)
+        return rows
