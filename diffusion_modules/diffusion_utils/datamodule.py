@@ -1,0 +1,273 @@
+"""LightningDataModule: volumes -> cached HDF5 patch files -> train/val/test loaders.
+
+Splits (``split`` param):
+  slab:   per volume, contiguous slabs along the slice axis, train | gap | val | gap | test
+          (``gap`` slices are left out between slabs so no test slice neighbours a
+          training slice). Works with one volume.
+  volume: whole volumes per split, in sorted-name order (train first, test last); needs
+          at least 3 volumes.
+Train: patches with fresh noise (optional flips/rot90). Val: patches with noise fixed by
+``seed``. Test: full slices with noise fixed by ``seed`` (batch size 1, slices differ in size).
+"""
+
+import re
+from pathlib import Path
+
+import h5py
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from diffusion_modules.diffusion_utils.hdf5dataset import HDF5PatchDataset, HDF5SliceDataset, read_meta
+from diffusion_modules.diffusion_utils.noise import build_noise
+from utils.create_training_images import FORMAT_VERSION, save_as_hdf5, source_stem
+from utils.intensity import check_modality
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SPLIT = {"mode": "slab", "fractions": [0.7, 0.15, 0.15], "gap": 4}
+DEFAULT_NOISE = {"type": "gaussian", "sigma": 0.1}
+
+
+def resolve(path) -> Path:
+    """Absolute path; relative paths are taken from the repository root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+def infer_modality(path: Path) -> str:
+    """ct/mr from a file name holding "ct", "mr" or "mri" not touching other letters
+    (ct_head, mr01, brain-mri); else ValueError."""
+    found = {m.group(1)[:2] for m in re.finditer(r"(?<![a-z])(ct|mri?)(?![a-z])", source_stem(path).lower())}
+    if len(found) != 1:
+        raise ValueError(f"cannot infer the modality of {path} from its name: give {{path, modality: ct|mr}}")
+    return found.pop()
+
+
+def parse_volume(entry) -> dict:
+    """Normalize a volumes entry (path string or {path, modality, name}) to a dict."""
+    if isinstance(entry, (str, Path)):
+        entry = {"path": entry}
+    elif hasattr(entry, "items"):
+        entry = {k: entry[k] for k in entry}
+    else:
+        raise ValueError(f"volumes entry {entry!r} must be a path or a {{path, modality, name}} mapping")
+    unknown = set(entry) - {"path", "modality", "name"}
+    if "path" not in entry or unknown:
+        raise ValueError(f"volumes entry {entry!r}: needs key 'path', allows only path/modality/name")
+    path = resolve(entry["path"])
+    if path.suffix.lower() == ".h5":
+        return {"path": path, "h5": True, "name": entry.get("name") or source_stem(path)}
+    modality = check_modality(entry["modality"]) if entry.get("modality") else infer_modality(path)
+    return {"path": path, "h5": False, "modality": modality, "name": entry.get("name") or source_stem(path)}
+
+
+def slab_split(n_slices: int, fractions, gap: int) -> tuple[range, range, range]:
+    """Contiguous train | gap | val | gap | test slabs of slice indices 0..n_slices-1."""
+    usable = n_slices - 2 * gap
+    n_val = max(1, int(round(fractions[1] * usable)))
+    n_test = max(1, int(round(fractions[2] * usable)))
+    n_train = usable - n_val - n_test
+    if n_train < 1:
+        raise ValueError(
+            f"slab split needs at least {2 * gap + 3} slices (gap {gap}), the volume has {n_slices}"
+        )
+    val_start = n_train + gap
+    test_start = val_start + n_val + gap
+    return range(0, n_train), range(val_start, val_start + n_val), range(test_start, test_start + n_test)
+
+
+def volume_split(n_volumes: int, fractions) -> tuple[range, range, range]:
+    """Positions of whole volumes (sorted order) in train, val and test."""
+    if n_volumes < 3:
+        raise ValueError(f"volume split needs at least 3 volumes, got {n_volumes}: use split mode 'slab'")
+    n_val = max(1, int(round(fractions[1] * n_volumes)))
+    n_test = max(1, int(round(fractions[2] * n_volumes)))
+    n_train = n_volumes - n_val - n_test
+    if n_train < 1:
+        raise ValueError(f"volume split fractions {list(fractions)} leave no training volume out of {n_volumes}")
+    return range(0, n_train), range(n_train, n_train + n_val), range(n_train + n_val, n_volumes)
+
+
+class DenoisingDataModule(pl.LightningDataModule):
+    """Denoising data from CT/MR volumes (see module docstring).
+
+    volumes: NIfTI files / DICOM folders / built .h5 files; strings (modality from the name)
+        or {path, modality, name} mappings; relative paths from the repository root.
+    cache_dir: folder for the built HDF5 files (rebuilt when missing or stale).
+    image_size, stride, slice_step, min_foreground: patching (see save_as_hdf5).
+    noise: build_noise config, e.g. {"type": "gaussian", "sigma": 0.1} (sigma on [0,1]).
+    split: {"mode": "slab"|"volume", "fractions": [train, val, test], "gap": slices}.
+    batch_size, num_workers: DataLoader settings. augment: flips/rot90 of training patches.
+    seed: seed of the fixed val/test noise.
+    in_memory: hold the train/val patches in memory (per worker) instead of reading HDF5 per item.
+    """
+
+    def __init__(
+        self,
+        volumes,
+        cache_dir="cache/hdf5",
+        image_size: int = 64,
+        stride: int = 32,
+        slice_step: int = 1,
+        min_foreground: float = 0.1,
+        noise=None,
+        split=None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        augment: bool = False,
+        seed: int = 0,
+        in_memory: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        if volumes is None or isinstance(volumes, (str, Path)) or len(volumes) == 0:
+            raise ValueError("volumes must be a non-empty list of paths or {path, modality, name} mappings")
+        self.volumes = [parse_volume(v) for v in volumes]
+        names = [v["name"] for v in self.volumes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"volume names must be unique, repeated: {duplicates} (set 'name' per volume)")
+        self.cache_dir = resolve(cache_dir)
+        self.image_size, self.stride, self.slice_step = int(image_size), int(stride), int(slice_step)
+        self.min_foreground = float(min_foreground)
+        self.noise_cfg = dict(DEFAULT_NOISE if noise is None else noise)
+        self.noise = build_noise(self.noise_cfg)
+        self.split = self._check_split(split)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.augment, self.seed, self.in_memory = bool(augment), int(seed), bool(in_memory)
+        self.train_set = self.val_set = self.test_set = None
+
+    @staticmethod
+    def _check_split(split) -> dict:
+        cfg = dict(DEFAULT_SPLIT)
+        cfg.update({k: split[k] for k in split} if split is not None else {})
+        unknown = set(cfg) - set(DEFAULT_SPLIT)
+        if unknown:
+            raise ValueError(f"unknown split key(s) {sorted(unknown)}: allowed {sorted(DEFAULT_SPLIT)}")
+        if cfg["mode"] not in ("slab", "volume"):
+            raise ValueError(f"unknown split mode {cfg['mode']!r}: expected 'slab' or 'volume'")
+        fractions = [float(f) for f in cfg["fractions"]]
+        if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"split fractions {fractions} must be 3 positive numbers summing to 1")
+        if int(cfg["gap"]) < 0:
+            raise ValueError(f"split gap {cfg['gap']} must be >= 0 slices")
+        return {"mode": cfg["mode"], "fractions": fractions, "gap": int(cfg["gap"])}
+
+    def _target(self, volume: dict) -> Path:
+        return volume["path"] if volume["h5"] else self.cache_dir / f"{volume['name']}.h5"
+
+    def _is_current(self, volume: dict, target: Path) -> bool:
+        """True if target exists, matches the settings and is newer than its source."""
+        if not target.is_file() or target.stat().st_mtime < volume["path"].stat().st_mtime:
+            return False
+        try:
+            with h5py.File(target, "r") as f:
+                a = f.attrs
+                return (
+                    int(a.get("format_version", -1)) == FORMAT_VERSION
+                    and str(a.get("source")) == volume["path"].name
+                    and str(a.get("modality")) == volume["modality"]
+                    and int(a.get("image_size", -1)) == self.image_size
+                    and int(a.get("stride", -1)) == self.stride
+                    and int(a.get("slice_step", -1)) == self.slice_step
+                    and float(a.get("min_foreground", -1)) == self.min_foreground
+                    and all(k in f for k in ("volume", "patches", "slice_index", "origin"))
+                )
+        except OSError:
+            return False
+
+    def prepare_data(self) -> None:
+        """Build the HDF5 file of every volume that is missing or stale (idempotent)."""
+        for volume in self.volumes:
+            if not volume["path"].exists():
+                raise FileNotFoundError(f"volume does not exist: {volume['path']}")
+            if volume["h5"]:
+                continue
+            target = self._target(volume)
+            if not self._is_current(volume, target):
+                save_as_hdf5(
+                    volume["path"],
+                    volume["name"],
+                    self.cache_dir,
+                    image_size=self.image_size,
+                    stride=self.stride,
+                    modality=volume["modality"],
+                    slice_step=self.slice_step,
+                    min_foreground=self.min_foreground,
+                    progress=False,
+                )
+
+    def split_slices(self) -> dict[str, dict[Path, list[int]]]:
+        """{"train"|"val"|"test": {h5 file: sorted slice indices}} from the split config."""
+        files = [self._target(v) for v in self.volumes]
+        n_slices = {f: read_meta(f)["n_slices"] for f in files}
+        out = {"train": {}, "val": {}, "test": {}}
+        if self.split["mode"] == "slab":
+            for f in files:
+                for name, part in zip(out, slab_split(n_slices[f], self.split["fractions"], self.split["gap"])):
+                    out[name][f] = list(part)
+        else:
+            ordered = sorted(files)
+            for name, part in zip(out, volume_split(len(ordered), self.split["fractions"])):
+                for i in part:
+                    out[name][ordered[i]] = list(range(n_slices[ordered[i]]))
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build missing HDF5 files and the three datasets."""
+        self.prepare_data()
+        parts = self.split_slices()
+        self.train_set = HDF5PatchDataset(
+            list(parts["train"]), parts["train"], self.noise, noise_seed=None, augment=self.augment, in_memory=self.in_memory
+        )
+        self.val_set = HDF5PatchDataset(list(parts["val"]), parts["val"], self.noise, noise_seed=self.seed, in_memory=self.in_memory)
+        self.test_set = HDF5SliceDataset(list(parts["test"]), parts["test"], self.noise, noise_seed=self.seed)
+        for name, dataset in (("train", self.train_set), ("val", self.val_set)):
+            if len(dataset) == 0:
+                raise ValueError(
+                    f"the {name} split has no patch with a foreground fraction >= {self.min_foreground}: "
+                    "lower min_foreground or change the split"
+                )
+
+    def train_dataloader(self) -> DataLoader:
+        if self.train_set is None:
+            self.setup()
+        return self._make(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_set is None:
+            self.setup()
+        return self._make(self.val_set, self.batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        if self.test_set is None:
+            self.setup()
+        return self._make(self.test_set, 1, shuffle=False)
+
+    def _make(self, dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def test_slices(self) -> list[dict]:
+        """Clean held-out test slices, sorted by (source, slice_index): dicts with
+        clean (H,W) float32 [0,1], source, modality, slice_index, spacing (row, col, slice mm), norm."""
+        if self.test_set is None:
+            self.setup()
+        out = []
+        for i, (k, z) in enumerate(self.test_set.items):
+            meta = self.test_set.meta[k]
+            out.append(
+                {
+                    "clean": self.test_set.clean_slice(i),
+                    "source": meta["source"],
+                    "modality": meta["modality"],
+                    "slice_index": z,
+                    "spacing": meta["spacing"],
+                    "norm": dict(meta["norm"]),
+                }
+            )
+        return sorted(out, key=lambda d: (d["source"], d["slice_index"]))

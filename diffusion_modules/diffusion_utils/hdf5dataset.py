@@ -1,0 +1,263 @@
+"""Torch datasets over HDF5 files written by utils.create_training_images.save_as_hdf5.
+
+Items are dicts (spec.md):
+  x_cond  (1,H,W) float32 noisy image in [-1,1] model units (not clipped)
+  x_prior (1,H,W) float32 clean image in [-1,1]
+  sigma   float32 scalar, noise std on the [0,1] scale
+  index   int64 item index
+HDF5SliceDataset items add slice_index, source, modality, norm, spacing and mask.
+
+Noise: noise_seed=None draws fresh noise at every read (training); an int fixes the noise
+of item i with np.random.default_rng([noise_seed, i]), identical across runs, machines,
+worker counts and DataModules.
+
+Files are opened lazily, once per process, so the datasets pickle into DataLoader workers
+without open HDF5 handles.
+
+Low-dose CT noise (a model with ``per_slice = True``) is simulated on whole slices (about
+1 s each) and patches are cropped from it. HDF5PatchDataset caches the noise of up to
+``lowdose_cache`` realisations per slice during training (drawn among at random once
+full) and one seeded realisation per slice when noise_seed is set
+(rng = default_rng([noise_seed, file number, slice])).
+"""
+
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import Dataset
+
+from utils.create_training_images import FOREGROUND_THRESHOLD, UINT16_SCALE, source_stem
+
+REQUIRED = ("volume", "patches", "slice_index", "origin")
+
+
+def read_meta(path: Path) -> dict:
+    """Check an HDF5 file's layout; return its metadata (modality, norm, spacing, source, n_slices)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"HDF5 file does not exist: {path}")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path} is not a readable HDF5 file: {err}") from err
+    with f:
+        missing = [k for k in REQUIRED if k not in f]
+        if missing:
+            raise ValueError(f"{path} lacks the dataset(s) {missing}: rebuild it with utils.create_training_images")
+        attrs = f.attrs
+        modality = str(attrs.get("modality", ""))
+        norm = {"modality": modality, "low": float(attrs["norm_low"]), "high": float(attrs["norm_high"])}
+        return {
+            "modality": modality,
+            "norm": norm,
+            "spacing": tuple(float(s) for s in attrs["spacing"]),
+            "source": source_stem(path),
+            "n_slices": int(f["volume"].shape[0]),
+            "slice_index": f["slice_index"][:],
+            "origin": f["origin"][:],
+        }
+
+
+def body_mask(clean01: np.ndarray) -> np.ndarray:
+    """Largest connected foreground component (> FOREGROUND_THRESHOLD) with holes filled."""
+    labels, n = ndimage.label(clean01 > FOREGROUND_THRESHOLD)
+    if n == 0:
+        return np.zeros(clean01.shape, dtype=bool)
+    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
+    return ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
+
+
+def augment_pair(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random horizontal/vertical flip and rot90 (square images only) of a 2-D array."""
+    if rng.random() < 0.5:
+        clean = clean[:, ::-1]
+    if rng.random() < 0.5:
+        clean = clean[::-1, :]
+    if clean.shape[0] == clean.shape[1]:
+        clean = np.rot90(clean, k=int(rng.integers(4)))
+    return np.ascontiguousarray(clean)
+
+
+def to_item(clean01: np.ndarray, noisy01: np.ndarray, sigma: float, index: int) -> dict:
+    """Batch dict in model units [-1,1]."""
+    return {
+        "x_cond": torch.from_numpy(2.0 * np.asarray(noisy01, dtype=np.float32)[None] - 1.0),
+        "x_prior": torch.from_numpy(2.0 * np.asarray(clean01, dtype=np.float32)[None] - 1.0),
+        "sigma": torch.tensor(sigma, dtype=torch.float32),
+        "index": torch.tensor(index, dtype=torch.int64),
+    }
+
+
+class _HDF5Base(Dataset):
+    """Shared file handling: sorted files, metadata, lazy per-process handles."""
+
+    def __init__(self, files, slices, noise, noise_seed):
+        if not files:
+            raise ValueError("no HDF5 files given")
+        self.files = sorted(Path(f) for f in files)
+        self.meta = [read_meta(f) for f in self.files]
+        if slices is not None:
+            slices = {Path(k): v for k, v in slices.items()}
+            unknown = sorted(str(k) for k in slices if k not in self.files)
+            if unknown:
+                raise ValueError(f"slices given for files not in the dataset: {unknown}")
+        self.slices = slices
+        self.noise = noise
+        self.noise_seed = None if noise_seed is None else int(noise_seed)
+        self._noise = [self._noise_for(m) for m in self.meta]
+        self._handles = {}
+        self._pid = None
+        self._fresh_rng = None
+
+    def _noise_for(self, meta: dict):
+        for_volume = getattr(self.noise, "for_volume", None)
+        return for_volume(meta["norm"], meta["spacing"]) if for_volume else self.noise
+
+    def _allowed(self, k: int) -> np.ndarray:
+        """Allowed slice indices of file k: all without a filter, none if the filter omits the file."""
+        if self.slices is None:
+            return np.arange(self.meta[k]["n_slices"])
+        return np.asarray(sorted(int(s) for s in self.slices.get(self.files[k], [])), dtype=int)
+
+    def _check_process(self) -> None:
+        """Drop handles and the fresh-noise generator inherited from another process."""
+        if self._pid != os.getpid():
+            self._handles, self._pid, self._fresh_rng = {}, os.getpid(), np.random.default_rng()
+
+    def _data(self, k: int, name: str) -> h5py.Dataset:
+        """Dataset `name` of file k, opened once per process."""
+        self._check_process()
+        key = (k, name)
+        if key not in self._handles:
+            if k not in self._handles:
+                self._handles[k] = h5py.File(self.files[k], "r")
+            self._handles[key] = self._handles[k][name]
+        return self._handles[key]
+
+    def _rng(self, index: int) -> np.random.Generator:
+        """Seeded per item when noise_seed is set, else this process's fresh-entropy generator."""
+        if self.noise_seed is not None:
+            return np.random.default_rng([self.noise_seed, index])
+        self._check_process()
+        return self._fresh_rng
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"], state["_pid"], state["_fresh_rng"] = {}, None, None
+        return state
+
+
+class HDF5PatchDataset(_HDF5Base):
+    """Patches of many HDF5 files; slices: optional {file: allowed slice indices}.
+
+    augment: random flips/rot90 of the clean patch before the noise is added.
+    lowdose_cache: noise realisations kept per slice for per-slice noise models in training.
+    in_memory: read each file's patches into memory once per process (2 bytes per pixel)
+    instead of one HDF5 read per item.
+    """
+
+    def __init__(self, files, slices=None, noise=None, noise_seed=None, augment=False, lowdose_cache=4, in_memory=False):
+        super().__init__(files, slices, noise, noise_seed)
+        if noise is None:
+            raise ValueError("HDF5PatchDataset needs a noise model (see noise.build_noise)")
+        self.augment = bool(augment)
+        self.lowdose_cache = int(lowdose_cache)
+        self.in_memory = bool(in_memory)
+        rows = []
+        for k, meta in enumerate(self.meta):
+            keep = np.flatnonzero(np.isin(meta["slice_index"], self._allowed(k)))
+            rows.append(np.stack([np.full(keep.size, k), keep], axis=1))
+        self.rows = np.concatenate(rows).astype(np.int64)
+        self._slice_noise = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _per_slice_noise(self, k: int, z: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+        """(noise in [0,1] units, sigma) of slice z of file k, cached (see module docstring)."""
+        key = (k, z)
+        cache = self._slice_noise.setdefault(key, [])
+        limit = 1 if self.noise_seed is not None else self.lowdose_cache
+        if len(cache) < limit:
+            clean = self._data(k, "volume")[z].astype(np.float32) / UINT16_SCALE
+            slice_rng = rng if self.noise_seed is None else np.random.default_rng([self.noise_seed, k, z])
+            noisy, sigma = self._noise[k](clean, slice_rng)
+            cache.append((noisy - clean, sigma))
+            return cache[-1]
+        return cache[int(rng.integers(len(cache)))]
+
+    def _patches(self, k: int):
+        """The patches of file k: the HDF5 dataset, or its in-memory copy when in_memory."""
+        patches = self._data(k, "patches")
+        if not self.in_memory:
+            return patches
+        key = (k, "patches[()]")
+        if key not in self._handles:
+            self._handles[key] = patches[()]
+        return self._handles[key]
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} patches")
+        k, row = (int(v) for v in self.rows[index])
+        clean = self._patches(k)[row].astype(np.float32) / UINT16_SCALE
+        rng = self._rng(index)
+        if getattr(self._noise[k], "per_slice", False):
+            z = int(self.meta[k]["slice_index"][row])
+            r, c = (int(v) for v in self.meta[k]["origin"][row])
+            noise, sigma = self._per_slice_noise(k, z, rng)
+            noisy = clean + noise[r : r + clean.shape[0], c : c + clean.shape[1]]
+            if self.augment:
+                state = rng.bit_generator.state
+                clean = augment_pair(clean, rng)
+                rng.bit_generator.state = state
+                noisy = augment_pair(noisy, rng)
+        else:
+            if self.augment:
+                clean = augment_pair(clean, rng)
+            noisy, sigma = self._noise[k](clean, rng)
+        return to_item(clean, noisy, sigma, index)
+
+
+class HDF5SliceDataset(_HDF5Base):
+    """Full slices of many HDF5 files (evaluation); slices: optional {file: allowed slice indices}.
+
+    noise=None returns clean-only items (x_cond equals x_prior, sigma 0).
+    """
+
+    def __init__(self, files, slices=None, noise=None, noise_seed=None):
+        super().__init__(files, slices, noise, noise_seed)
+        self.items = [(k, int(z)) for k in range(len(self.files)) for z in self._allowed(k)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def clean_slice(self, index: int) -> np.ndarray:
+        """Clean slice `index` as (H, W) float32 in [0,1]."""
+        k, z = self.items[index]
+        return self._data(k, "volume")[z].astype(np.float32) / UINT16_SCALE
+
+    def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} slices")
+        k, z = self.items[index]
+        clean = self.clean_slice(index)
+        if self.noise is None:
+            noisy, sigma = clean, 0.0
+        else:
+            noisy, sigma = self._noise[k](clean, self._rng(index))
+        meta = self.meta[k]
+        item = to_item(clean, noisy, sigma, index)
+        item.update(
+            slice_index=z,
+            source=meta["source"],
+            modality=meta["modality"],
+            norm=dict(meta["norm"]),
+            spacing=torch.tensor(meta["spacing"], dtype=torch.float32),
+            mask=torch.from_numpy(body_mask(clean)[None]),
+        )
+        return item
