@@ -1,0 +1,243 @@
+"""Denoisers behind one interface, so the evaluation treats baselines and models alike.
+
+A denoiser has a ``name`` and is called as ``denoiser(noisy01, sigma) -> pred01``:
+noisy01 is one (H,W) float32 slice on the [0,1] scale (not clipped: noise may leave
+[0,1]), sigma the Gaussian noise std on the [0,1] scale or None (then estimated from
+the image with scikit-image ``estimate_sigma`` where the method needs it), pred01 a
+(H,W) float32 slice in [0,1]. ``denoise_with_std`` also returns a per-pixel std map
+([0,1] units) when the method yields one (a diffusion model averaging several samples),
+else None.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+
+import numpy as np
+
+DENOISER_TYPES = ("noisy", "nlm", "bm3d", "unet", "ddpm")
+
+
+def _check_slice(noisy01) -> np.ndarray:
+    arr = np.asarray(noisy01, dtype=np.float32)
+    if arr.ndim != 2:
+        raise ValueError(f"noisy01 must be one (H,W) slice, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("noisy01 contains NaN or inf values")
+    return arr
+
+
+def _resolve_sigma(noisy01: np.ndarray, sigma) -> float:
+    """The given sigma ([0,1] units), or skimage's estimate of it when None."""
+    if sigma is None:
+        from skimage.restoration import estimate_sigma
+
+        return float(estimate_sigma(noisy01))
+    sigma = float(sigma)
+    if not np.isfinite(sigma) or sigma < 0:
+        raise ValueError(f"sigma must be a non-negative number or None, got {sigma}")
+    return sigma
+
+
+class Denoiser:
+    """Base class: subclasses set ``name`` and implement ``__call__``."""
+
+    name: str = "denoiser"
+
+    def __call__(self, noisy01: np.ndarray, sigma: float | None) -> np.ndarray:
+        raise NotImplementedError
+
+    def denoise_with_std(self, noisy01: np.ndarray, sigma: float | None):
+        """(pred01, std01 or None); the base class has no std map."""
+        return self(noisy01, sigma), None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class NoisyInput(Denoiser):
+    """Identity: returns the noisy slice unchanged (not clipped), so its PSNR is the
+    noise level itself (about -20 log10(sigma) dB for Gaussian noise)."""
+
+    def __init__(self, name: str = "noisy input"):
+        self.name = name
+
+    def __call__(self, noisy01, sigma):
+        return _check_slice(noisy01).copy()
+
+
+class NLMDenoiser(Denoiser):
+    """scikit-image non-local means with h = h_factor * sigma; output clipped to [0,1]."""
+
+    def __init__(
+        self,
+        name: str = "NLM",
+        h_factor: float = 0.8,
+        patch_size: int = 5,
+        patch_distance: int = 6,
+        fast_mode: bool = True,
+    ):
+        self.name = name
+        self.h_factor = float(h_factor)
+        self.patch_size = int(patch_size)
+        self.patch_distance = int(patch_distance)
+        self.fast_mode = bool(fast_mode)
+
+    def __call__(self, noisy01, sigma):
+        from skimage.restoration import denoise_nl_means
+
+        x = _check_slice(noisy01)
+        s = _resolve_sigma(x, sigma)
+        out = denoise_nl_means(
+            x.astype(np.float64),
+            h=self.h_factor * s,
+            sigma=s,
+            patch_size=self.patch_size,
+            patch_distance=self.patch_distance,
+            fast_mode=self.fast_mode,
+        )
+        return np.clip(out, 0.0, 1.0).astype(np.float32)
+
+
+class BM3DDenoiser(Denoiser):
+    """BM3D (``bm3d`` package) with sigma_psd = sigma; output clipped to [0,1]."""
+
+    def __init__(self, name: str = "BM3D", profile: str = "np"):
+        self.name = name
+        self.profile = profile
+
+    def __call__(self, noisy01, sigma):
+        import bm3d
+
+        x = _check_slice(noisy01)
+        s = _resolve_sigma(x, sigma)
+        out = bm3d.bm3d(x.astype(np.float64), sigma_psd=s, profile=self.profile)
+        return np.clip(np.asarray(out), 0.0, 1.0).astype(np.float32)
+
+
+class SigmaEstimating(Denoiser):
+    """Wraps a denoiser so it never sees the true sigma: it gets None and estimates it
+    (the 'noise level unknown' setting)."""
+
+    def __init__(self, inner: Denoiser):
+        self.inner = inner
+        self.name = inner.name
+
+    def __call__(self, noisy01, sigma):
+        return self.inner(noisy01, None)
+
+    def denoise_with_std(self, noisy01, sigma):
+        return self.inner.denoise_with_std(noisy01, None)
+
+
+class ModelDenoiser(Denoiser):
+    """Runs a model with ``model.denoise(noisy (1,1,H,W) in [-1,1], **denoise_kw)``.
+
+    Maps [0,1] -> [-1,1] with 2x - 1, maps the result back with (y + 1) / 2 and clips
+    to [0,1]. With ``t_start="auto"`` (the diffusion model's matched start) the noise
+    level is passed as ``sigma`` ([0,1] units; estimated when None). When the model's
+    ``denoise`` accepts ``return_std`` and ``n_samples >= 2``, ``denoise_with_std``
+    also returns the spread of the samples in [0,1] units (model std / 2).
+    The model is moved to ``device`` and put in eval mode.
+    """
+
+    def __init__(self, model, name: str, device: str = "cpu", **denoise_kw):
+        if not callable(getattr(model, "denoise", None)):
+            raise TypeError(f"model for {name!r} has no callable denoise() method")
+        import torch
+
+        self._torch = torch
+        self.name = name
+        self.device = torch.device(device)
+        if hasattr(model, "to"):
+            model = model.to(self.device)
+        if hasattr(model, "eval"):
+            model.eval()
+        self.model = model
+        self.denoise_kw = dict(denoise_kw)
+        params = inspect.signature(model.denoise).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        unknown = set(self.denoise_kw) - set(params)
+        if unknown and not takes_any:
+            raise TypeError(f"{name!r}: model.denoise() takes no argument(s) {sorted(unknown)}")
+        self.gives_std = "return_std" in params and int(self.denoise_kw.get("n_samples", 1)) >= 2
+
+    def __call__(self, noisy01, sigma):
+        return self._run(noisy01, sigma, want_std=False)[0]
+
+    def denoise_with_std(self, noisy01, sigma):
+        return self._run(noisy01, sigma, want_std=self.gives_std)
+
+    def _run(self, noisy01, sigma, want_std: bool):
+        torch = self._torch
+        x = _check_slice(noisy01)
+        kw = dict(self.denoise_kw)
+        if kw.get("t_start") == "auto":
+            kw["sigma"] = _resolve_sigma(x, sigma)
+        if want_std:
+            kw["return_std"] = True
+        tensor = torch.from_numpy(2.0 * x - 1.0)[None, None].to(self.device)
+        with torch.no_grad():
+            out = self.model.denoise(tensor, **kw)
+        mean, std = out if want_std else (out, None)
+        if tuple(mean.shape) != (1, 1) + x.shape:
+            raise ValueError(
+                f"{self.name}: model.denoise returned shape {tuple(mean.shape)}, "
+                f"expected {(1, 1) + x.shape}"
+            )
+        pred01 = np.clip((mean[0, 0].float().cpu().numpy() + 1.0) / 2.0, 0.0, 1.0)
+        std01 = None if std is None else std[0, 0].float().cpu().numpy() / 2.0
+        return pred01.astype(np.float32), std01
+
+
+def _plain(cfg) -> dict:
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:
+        pass
+    if not isinstance(cfg, Mapping):
+        raise ValueError(f"denoiser config must be a mapping, got {type(cfg).__name__}")
+    return dict(cfg)
+
+
+def build_denoiser(cfg, models: dict, device: str = "cpu") -> Denoiser:
+    """Builds a denoiser from a config entry.
+
+    cfg: {name: str, type: noisy|nlm|bm3d|unet|ddpm, model: key, params: {...}, sigma: known|estimate}
+      ``model`` names the entry of ``models`` to use (default: the type), e.g. a shipped
+      pretrained DDPM next to the one just trained.
+      params go to the constructor (nlm, bm3d, noisy: none) or, for unet/ddpm, to
+      ``model.denoise`` (e.g. sampler, steps, eta, n_samples, t_start). sigma (default
+      "known") = "estimate" hides the true noise level from the method.
+    models: maps model keys ("unet", "ddpm", ...) to loaded objects with a ``denoise`` method.
+    device: where model-based denoisers run.
+    """
+    entry = _plain(cfg)
+    unknown = set(entry) - {"name", "type", "model", "params", "sigma"}
+    if unknown:
+        raise ValueError(f"denoiser config has unknown keys {sorted(unknown)}: {entry}")
+    kind = entry.get("type")
+    if kind not in DENOISER_TYPES:
+        raise ValueError(f"denoiser type must be one of {DENOISER_TYPES}, got {kind!r}")
+    name = str(entry.get("name") or kind)
+    params = dict(entry.get("params") or {})
+    sigma_mode = entry.get("sigma", "known")
+    if sigma_mode not in ("known", "estimate"):
+        raise ValueError(f"denoiser {name!r}: sigma must be 'known' or 'estimate', got {sigma_mode!r}")
+    try:
+        if kind in ("unet", "ddpm"):
+            key = entry.get("model", kind)
+            model = models.get(key)
+            if model is None:
+                raise ValueError(f"denoiser {name!r} needs the {key!r} model, none was given")
+            denoiser = ModelDenoiser(model, name, device=device, **params)
+        else:
+            cls = {"noisy": NoisyInput, "nlm": NLMDenoiser, "bm3d": BM3DDenoiser}[kind]
+            denoiser = cls(name=name, **params)
+    except TypeError as err:
+        raise ValueError(f"denoiser {name!r} ({kind}): bad params {params}: {err}") from err
+    return SigmaEstimating(denoiser) if sigma_mode == "estimate" else denoiser

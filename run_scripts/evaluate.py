@@ -1,0 +1,67 @@
+r"""Evaluate denoisers on the held-out test slices of a run config.
+
+    python run_scripts/evaluate.py --config run_scripts/configs/ddpm-cond/CFG.yaml \
+        --ckpt path/to/ddpm.ckpt [--unet-ckpt path/to/unet.ckpt] [--out DIR] \
+        [evaluation.sigmas=[0.05,0.1,0.2] evaluation.max_slices_per_source=4 ...]
+
+Builds the data module from the config's ``data`` section, loads the checkpoints (on
+CPU, then moved to --device), builds the methods of ``evaluation.methods`` and writes
+scores.csv, results.md, psnr_ssim_vs_sigma.png, examples.png and predictions/ into --out.
+Methods needing a model that was not given (no --ckpt / --unet-ckpt) are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run config YAML (data and evaluation sections)")
+    parser.add_argument("--ckpt", help="conditional DDPM checkpoint (ConditionDDPM)")
+    parser.add_argument("--unet-ckpt", help="supervised U-Net checkpoint (SupervisedUNet)")
+    parser.add_argument("--out", help="output folder (default outputs/evaluation/<config name>)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cuda if available)")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value (OmegaConf dotlist)")
+    return parser.parse_args(argv)
+
+
+def _load(cls, path: str):
+    if not Path(path).is_file():
+        raise SystemExit(f"checkpoint not found: {path}")
+    return cls.load_from_checkpoint(path, map_location="cpu")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from metrics.evaluation import run_evaluation
+    from utils.initialize_configs import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    ddpm = unet = None
+    if args.ckpt:
+        from models.ddpm_conditioned import ConditionDDPM
+
+        ddpm = _load(ConditionDDPM, args.ckpt)
+    if args.unet_ckpt:
+        from models.supervised_unet import SupervisedUNet
+
+        unet = _load(SupervisedUNet, args.unet_ckpt)
+    out_dir = Path(args.out) if args.out else Path("outputs") / "evaluation" / Path(args.config).stem
+    result = run_evaluation(cfg, ddpm=ddpm, unet=unet, out_dir=out_dir, device=args.device)
+    print(f"scores:      {result['scores_csv']}")
+    print(f"table:       {result['results_md']}")
+    print(f"plot:        {result['plot_png']}")
+    print(f"examples:    {result['examples_png']}")
+    print(f"predictions: {result['predictions_dir']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
