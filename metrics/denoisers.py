@@ -15,6 +15,7 @@ import inspect
 from collections.abc import Mapping
 
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
 DENOISER_TYPES = ("noisy", "nlm", "bm3d", "unet", "ddpm")
 
@@ -191,14 +192,10 @@ class ModelDenoiser(Denoiser):
         return pred01.astype(np.float32), std01
 
 
-def _plain(cfg) -> dict:
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:
-        pass
+def plain_dict(cfg) -> dict:
+    """A config entry (dict or OmegaConf node) as a plain dict."""
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
     if not isinstance(cfg, Mapping):
         raise ValueError(f"denoiser config must be a mapping, got {type(cfg).__name__}")
     return dict(cfg)
@@ -216,7 +213,7 @@ def build_denoiser(cfg, models: dict, device: str = "cpu") -> Denoiser:
     models: maps model keys ("unet", "ddpm", ...) to loaded objects with a ``denoise`` method.
     device: where model-based denoisers run.
     """
-    entry = _plain(cfg)
+    entry = plain_dict(cfg)
     unknown = set(entry) - {"name", "type", "model", "params", "sigma"}
     if unknown:
         raise ValueError(f"denoiser config has unknown keys {sorted(unknown)}: {entry}")

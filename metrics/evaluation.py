@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metrics.denoisers import NoisyInput, build_denoiser
+from metrics.denoisers import NoisyInput, build_denoiser, plain_dict
 from metrics.image_metrics import ImageMetrics, body_mask
 
 NOISE_TYPES = ("gaussian", "rician")
@@ -506,6 +506,8 @@ def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> 
       ``evaluation``: sigmas (list), noise_seed, max_slices_per_source (int|null),
       methods (list of {name, type, params, sigma}), n_examples, and optionally
       noise_type ("gaussian") and save_predictions (true).
+    sampling: defaults for every ddpm method's ``denoise`` arguments (a method's own
+      params win).
     models: loaded models by key ("ddpm", "unet", "ddpm_pretrained", ...); methods whose
       model is missing or None are skipped with a warning.
     device: where models run (default cuda if available, else cpu).
@@ -530,6 +532,7 @@ def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> 
     datamodule.setup("test")
     slices = limit_slices(datamodule.test_slices(), ev.get("max_slices_per_source"))
 
+    sampling = plain_dict(cfg.get("sampling") or {})
     denoisers = []
     for entry in ev["methods"]:
         kind = entry.get("type")
@@ -537,6 +540,8 @@ def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> 
         if kind in ("ddpm", "unet") and models.get(key) is None:
             warnings.warn(f"skipping method {entry.get('name')!r}: no {key!r} model given")
             continue
+        if kind == "ddpm":
+            entry = {**entry, "params": {**sampling, **(entry.get("params") or {})}}
         denoisers.append(build_denoiser(entry, models, device=device))
 
     return evaluate(

@@ -26,35 +26,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", required=True, help="run config YAML (data and evaluation sections)")
     parser.add_argument("--ckpt", help="conditional DDPM checkpoint (ConditionDDPM)")
     parser.add_argument("--unet-ckpt", help="supervised U-Net checkpoint (SupervisedUNet)")
+    parser.add_argument("--pretrained-ckpt",
+                        help="second ConditionDDPM for methods with model: ddpm_pretrained "
+                             "(default: evaluation.pretrained_ddpm of the config)")
     parser.add_argument("--out", help="output folder (default outputs/evaluation/<config name>)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cuda if available)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (OmegaConf dotlist)")
     return parser.parse_args(argv)
 
 
-def _load(cls, path: str):
-    if not Path(path).is_file():
-        raise SystemExit(f"checkpoint not found: {path}")
-    return cls.load_from_checkpoint(path, map_location="cpu")
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from metrics.evaluation import run_evaluation
+    from models.ddpm_conditioned import ConditionDDPM
+    from models.supervised_unet import SupervisedUNet
     from utils.initialize_configs import load_config
+    from utils.checkpoints import load_checkpoint
 
     cfg = load_config(args.config, args.overrides)
-    ddpm = unet = None
-    if args.ckpt:
-        from models.ddpm_conditioned import ConditionDDPM
-
-        ddpm = _load(ConditionDDPM, args.ckpt)
-    if args.unet_ckpt:
-        from models.supervised_unet import SupervisedUNet
-
-        unet = _load(SupervisedUNet, args.unet_ckpt)
+    pretrained = args.pretrained_ckpt or cfg.get("evaluation", {}).get("pretrained_ddpm")
+    models = {}
+    for key, cls, path in (("ddpm", ConditionDDPM, args.ckpt), ("unet", SupervisedUNet, args.unet_ckpt),
+                           ("ddpm_pretrained", ConditionDDPM, pretrained)):
+        if path:
+            try:
+                models[key] = load_checkpoint(cls, path)
+            except FileNotFoundError as err:
+                raise SystemExit(str(err)) from err
     out_dir = Path(args.out) if args.out else Path("outputs") / "evaluation" / Path(args.config).stem
-    result = run_evaluation(cfg, ddpm=ddpm, unet=unet, out_dir=out_dir, device=args.device)
+    result = run_evaluation(cfg, models, out_dir=out_dir, device=args.device)
     print(f"scores:      {result['scores_csv']}")
     print(f"table:       {result['results_md']}")
     print(f"plot:        {result['plot_png']}")

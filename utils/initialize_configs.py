@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-#: Top-level sections a run config may hold.
+#: Top-level sections a run config may hold, besides ``base`` (a config this one extends).
 RUN_SECTIONS = ("seed", "model", "data", "trainer", "sampling", "logging", "evaluation")
 
 
@@ -94,16 +94,27 @@ def instantiate_from_configs(cfg: Any, path: str = "config", **extra: Any) -> An
     return get_obj_from_str(cfg["target"], f"{path}.target")(**params)
 
 
-def load_config(path: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
-    """Load a run config and apply ``key=value`` dotlist overrides.
-
-    Unknown top-level sections are rejected so that a misspelt override such as
-    ``trainr.max_steps=5`` fails instead of being silently ignored.
-    """
-    path = Path(path)
+def _load_with_base(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     cfg = OmegaConf.load(path)
+    base = cfg.pop("base", None)
+    if base is None:
+        return cfg
+    return OmegaConf.merge(_load_with_base(path.parent / base, seen + (path,)), cfg)
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
+    """Load a run config and apply ``key=value`` dotlist overrides.
+
+    A top-level ``base: other.yaml`` (relative to the file) is loaded first and this file
+    is merged on top of it. Unknown top-level sections are rejected so that a misspelt
+    override such as ``trainr.max_steps=5`` fails instead of being silently ignored.
+    """
+    cfg = _load_with_base(Path(path))
     overrides = list(overrides)
     for item in overrides:
         if "=" not in item:

@@ -1,0 +1,35 @@
+"""Train a model from a YAML config, then evaluate it on the held-out test slices.
+
+    python run_scripts/dm4mi-conditional.py --config run_scripts/configs/ddpm-cond/demo.yaml [key=value ...]
+
+Overrides use OmegaConf's dotlist syntax (``trainer.max_steps=100``). The resolved config,
+checkpoints, wandb files (offline unless ``logging.wandb_sync=true``) and the evaluation
+table and figures go to ``<logging.save_dir>/<logging.name>-<timestamp>/``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.initialize_configs import ConfigError, load_config  # noqa: E402
+from utils.run_job import run_job  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    run_job(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

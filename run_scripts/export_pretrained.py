@@ -1,0 +1,27 @@
+"""Export a training checkpoint as the small EMA-only checkpoint that ships with the code.
+
+    python run_scripts/export_pretrained.py runs/<run>/checkpoints/last.ckpt pretrained/cdm4mi_bundled_ct_mr.ckpt
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from utils.checkpoints import export_ema_checkpoint  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("src", help="Lightning checkpoint of a DDPM trained with EMA")
+    parser.add_argument("dst", help="where to write the EMA-only checkpoint")
+    parser.add_argument("--fp32", action="store_true", help="keep float32 (default: float16 weights)")
+    args = parser.parse_args(argv)
+    dst = export_ema_checkpoint(args.src, args.dst, half=not args.fp32)
+    print(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

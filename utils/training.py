@@ -1,0 +1,73 @@
+"""Build and train a model from a run config: logger, callbacks, checkpoints, saved config."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
+
+from utils.callbacks import ImageLogger
+from utils.initialize_configs import ConfigError, instantiate_from_configs, validate_target_config
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    """``<logging.save_dir>/<logging.name>-<timestamp>``, created."""
+    log = cfg.get("logging", {})
+    run_dir = Path(log.get("save_dir", "runs")) / f"{log.get('name', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def save_config(cfg: DictConfig, path: Path) -> None:
+    """Write the resolved config atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    OmegaConf.save(cfg, tmp, resolve=True)
+    os.replace(tmp, path)
+
+
+def build_logger(cfg: DictConfig, run_dir: Path):
+    """wandb (offline unless ``logging.wandb_sync``) or, with ``logging.wandb: false``, CSV."""
+    log = cfg.get("logging", {})
+    if log.get("wandb", True):
+        if not log.get("wandb_sync", False):
+            os.environ["WANDB_MODE"] = "offline"
+        return WandbLogger(project=log.get("project", "cdm4mi"), name=run_dir.name, save_dir=str(run_dir),
+                           offline=not log.get("wandb_sync", False))
+    return CSVLogger(save_dir=str(run_dir), name="csv")
+
+
+def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+    log = cfg.get("logging", {})
+    callbacks = [
+        ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                        every_n_train_steps=log.get("checkpoint_every_n_steps", 1000)),
+        LearningRateMonitor(logging_interval="step"),
+        ImageLogger(every_n_steps=log.get("image_every_n_steps", 0)),
+    ]
+    trainer_kwargs = OmegaConf.to_container(cfg.get("trainer", {}), resolve=True)
+    try:
+        return pl.Trainer(default_root_dir=str(run_dir), logger=build_logger(cfg, run_dir), callbacks=callbacks,
+                          **trainer_kwargs)
+    except TypeError as err:
+        raise ConfigError(f"trainer: {err}") from err
+
+
+def train(cfg: DictConfig, run_dir: Path):
+    """Fit ``cfg.model`` on ``cfg.data``; returns (model with final weights, datamodule, last checkpoint)."""
+    validate_target_config(cfg.model, "model")
+    validate_target_config(cfg.data, "data")
+    pl.seed_everything(int(cfg.get("seed", 0)), workers=True)
+    save_config(cfg, run_dir / "config.yaml")
+    datamodule = instantiate_from_configs(cfg.data, "data")
+    model = instantiate_from_configs(cfg.model, "model")
+    trainer = build_trainer(cfg, run_dir)
+    start = time.time()
+    trainer.fit(model, datamodule=datamodule)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    print(f"trained {trainer.global_step} steps in {time.time() - start:.0f} s; checkpoint: {ckpt}")
+    return model, datamodule, ckpt
