@@ -61,11 +61,13 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         t = self.time(F.silu(temb))[:, :, None, None]
+        # The time signal enters after the norm: added before a GroupNorm with one channel
+        # per group it would be normalised away.
         if self.use_affine_time:
             scale, shift = t.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
         else:
-            h = self.norm2(h + t)
+            h = self.norm2(h) + t
         h = self.conv2(self.dropout(F.silu(h)))
         return h + self.skip(x)
 

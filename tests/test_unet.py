@@ -1,0 +1,147 @@
+"""The rosinality-style diffusion UNet: size, shapes, fold, attention heads, checkpointing."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusion_modules.unet_arch.unet_rosinality import ResBlock, SelfAttention, UNet
+
+REFERENCE = dict(in_channel=2, channel=64, out_channel=1, channel_multiplier=[1, 2, 4], n_res_blocks=2,
+                 attn_strides=[4], dropout=0.1)
+TINY = dict(in_channel=2, channel=16, out_channel=1, channel_multiplier=[1, 2], n_res_blocks=1, attn_strides=[],
+            dropout=0.0)
+
+
+def n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def randomize(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
+    """Perturb every parameter (the output convs start at zero, which would hide errors)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(std * torch.randn(p.shape, generator=g))
+    return module
+
+
+def test_reference_config_has_15_7_million_parameters():
+    assert abs(n_params(UNet(**REFERENCE)) - 15.7e6) <= 0.1e6
+
+
+@pytest.mark.parametrize("size, out_channel", [(16, 1), (32, 3), (24, 1)])
+def test_output_has_input_size_and_out_channel_channels(size, out_channel):
+    net = randomize(UNet(**{**TINY, "out_channel": out_channel, "attn_strides": [2]})).eval()
+    x = torch.randn(2, 2, size, size + 8)
+    out = net(x, torch.tensor([3, 77]))
+    assert out.shape == (2, out_channel, size, size + 8)
+    assert torch.isfinite(out).all() and out.abs().sum() > 0
+
+
+def test_fold_two_keeps_shapes_and_changes_the_first_conv():
+    net = randomize(UNet(**{**TINY, "fold": 2})).eval()
+    assert net.size_factor == 4
+    assert net.conv_in.in_channels == 2 * 4 and net.out[-1].out_channels == 1 * 4
+    x = torch.randn(3, 2, 32, 16)
+    out = net(x, torch.tensor([0, 5, 9]))
+    assert out.shape == (3, 1, 32, 16) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kw, size", [({}, 17), ({"fold": 2}, 18), ({"channel_multiplier": [1, 2, 2]}, 30)])
+def test_size_not_divisible_by_downsampling_raises_naming_the_size(kw, size):
+    net = UNet(**{**TINY, **kw})
+    assert size % net.size_factor
+    with pytest.raises(ValueError, match=rf"{size}x{size}.*{net.size_factor}"):
+        net(torch.randn(1, 2, size, size), torch.tensor([1]))
+
+
+def test_attention_heads_keep_shapes_and_must_divide_channels():
+    net4 = randomize(UNet(**{**TINY, "attn_strides": [1, 2], "attn_heads": 4})).eval()
+    net1 = UNet(**{**TINY, "attn_strides": [1, 2], "attn_heads": 1}).eval()
+    assert n_params(net4) == n_params(net1)  # heads split channels, they add no weights
+    net1.load_state_dict(net4.state_dict())
+    x, t = torch.randn(2, 2, 16, 16), torch.tensor([4, 40])
+    out4, out1 = net4(x, t), net1(x, t)
+    assert out4.shape == out1.shape == (2, 1, 16, 16)
+    assert not torch.allclose(out4, out1, atol=1e-6)  # same weights, different heads: different maths
+    with pytest.raises(ValueError, match="attn_heads=3"):
+        UNet(**{**TINY, "attn_strides": [1], "attn_heads": 3})  # 3 does not divide 16
+    with pytest.raises(ValueError, match="attn_heads=5"):
+        SelfAttention(16, 5)
+
+
+def test_attention_heads_split_the_channels():
+    """SelfAttention with 4 heads equals a hand-written multi-head attention over channel groups."""
+    torch.manual_seed(0)
+    c, heads, b, h, w = 16, 4, 2, 4, 5
+    attn = randomize(SelfAttention(c, heads), seed=1, std=0.2).eval()
+    x = torch.randn(b, c, h, w)
+    qkv = attn.qkv(attn.norm(x)).reshape(b, 3 * c, h * w)
+    q, k, v = qkv[:, :c], qkv[:, c:2 * c], qkv[:, 2 * c:]
+    d = c // heads
+    outs = []
+    for i in range(heads):
+        qi, ki, vi = (z[:, i * d:(i + 1) * d].transpose(1, 2) for z in (q, k, v))  # (b, hw, d)
+        weights = torch.softmax(qi @ ki.transpose(1, 2) / d ** 0.5, dim=-1)
+        outs.append((weights @ vi).transpose(1, 2))  # (b, d, hw)
+    expected = x + attn.out(torch.cat(outs, dim=1).reshape(b, c, h, w))
+    torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
+    cfg = {**TINY, "attn_strides": [2], "attn_heads": 2, "dropout": 0.0}
+    plain = randomize(UNet(**cfg, use_checkpoint=False)).train()
+    ckpt = UNet(**cfg, use_checkpoint=True).train()
+    ckpt.load_state_dict(plain.state_dict())
+    x, t = torch.randn(2, 2, 16, 16), torch.tensor([2, 30])
+    outs, grads = [], []
+    for net in (plain, ckpt):
+        xi = x.clone().requires_grad_(True)
+        out = net(xi, t)
+        (out ** 2).mean().backward()
+        outs.append(out.detach())
+        grads.append([p.grad.clone() for p in net.parameters()] + [xi.grad.clone()])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-6, rtol=1e-5)
+    assert len(grads[0]) == len(grads[1])
+    assert sum(g.abs().sum() for g in grads[0]) > 0
+    for g0, g1 in zip(grads[0], grads[1]):
+        torch.testing.assert_close(g0, g1, atol=1e-6, rtol=1e-5)
+
+
+def test_use_affine_time_adds_a_scale_per_resblock_channel():
+    plain, affine = UNet(**TINY, use_affine_time=False), UNet(**TINY, use_affine_time=True)
+    blocks = [m for m in plain.modules() if isinstance(m, ResBlock)]
+    extra = sum(b.time.out_features * (b.time.in_features + 1) for b in blocks)
+    assert n_params(affine) - n_params(plain) == extra > 0
+    ref_plain, ref_affine = n_params(UNet(**REFERENCE)), n_params(UNet(**REFERENCE, use_affine_time=True))
+    assert ref_affine > ref_plain
+
+
+@pytest.mark.parametrize("kw", [{"channel": 64}, {"use_affine_time": True}])
+def test_time_embedding_changes_the_output(kw):
+    net = randomize(UNet(**{**TINY, **kw})).eval()
+    x = torch.randn(1, 2, 16, 16)
+    diff = (net(x, torch.tensor([0])) - net(x, torch.tensor([500]))).abs().max()
+    assert diff > 1e-2
+
+
+@pytest.mark.parametrize("channels", [16, 32])
+def test_resblock_without_affine_time_sees_the_timestep(channels):
+    block = randomize(ResBlock(channels, channels, time_dim=64, dropout=0.0, use_affine_time=False)).eval()
+    x = torch.randn(1, channels, 8, 8)
+    t0, t1 = torch.randn(1, 64), torch.randn(1, 64)
+    assert (block(x, t0) - block(x, t1)).abs().max() > 1e-3
+
+
+def test_dropout_only_acts_in_train_mode():
+    net = randomize(UNet(**{**TINY, "dropout": 0.5}))
+    x, t = torch.randn(1, 2, 16, 16), torch.tensor([7])
+    net.eval()
+    torch.testing.assert_close(net(x, t), net(x, t))
+    net.train()
+    torch.manual_seed(0)
+    a = net(x, t)
+    torch.manual_seed(1)
+    assert not torch.allclose(a, net(x, t))
+    assert F.mse_loss(copy.deepcopy(net).eval()(x, t), net.eval()(x, t)) == 0
