@@ -46,6 +46,36 @@ def _is_target_node(value: Any) -> bool:
     return isinstance(value, Mapping) and "target" in value
 
 
+def _accepted_parameters(obj: Any) -> tuple[dict | None, bool]:
+    """(named keyword parameters, accepts any other keyword) of a target; (None, True) if unknown.
+
+    A class whose ``__init__`` takes ``**kwargs`` (``ConditionDDPM(*args, ..., **kwargs)``)
+    is taken to forward them to its base class, whose parameters are then added, up the
+    MRO until an ``__init__`` without ``**kwargs``.
+    """
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None, True
+    kinds = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    named = {n: p for n, p in sig.parameters.items() if p.kind not in kinds}
+    accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    if accepts_kwargs and inspect.isclass(obj):
+        owners = [c for c in obj.__mro__ if "__init__" in c.__dict__]
+        for base in owners[1:]:
+            try:
+                base_params = list(inspect.signature(base.__dict__["__init__"]).parameters.values())[1:]
+            except (TypeError, ValueError):
+                break
+            for p in base_params:
+                if p.kind not in kinds:
+                    named.setdefault(p.name, p)
+            if not any(p.kind is p.VAR_KEYWORD for p in base_params):
+                accepts_kwargs = False
+                break
+    return named, accepts_kwargs
+
+
 def validate_target_config(cfg: Any, path: str = "config") -> None:
     """Check a ``target``/``params`` node (and nested ones) against the target's signature.
 
@@ -64,13 +94,8 @@ def validate_target_config(cfg: Any, path: str = "config") -> None:
     params = cfg.get("params") or {}
     if not isinstance(params, Mapping):
         raise ConfigError(f"{path}.params: expected a mapping, got {type(params).__name__}")
-    try:
-        sig = inspect.signature(obj)
-    except (TypeError, ValueError):
-        sig = None
-    if sig is not None:
-        accepts_kwargs = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
-        named = {n: p for n, p in sig.parameters.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    named, accepts_kwargs = _accepted_parameters(obj)
+    if named is not None:
         if not accepts_kwargs:
             for key in params:
                 if key not in named:
