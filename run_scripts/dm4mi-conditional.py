@@ -21,13 +21,14 @@ from utils.run_job import run_job  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run config YAML")
+    parser.add_argument("--resume", help="checkpoint of an interrupted run to continue (optimizer, schedule, EMA)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.error(str(err))
-    run_job(cfg)
+    run_job(cfg, resume=args.resume)
     return 0
 
 

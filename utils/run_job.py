@@ -23,10 +23,11 @@ def train_unet_baseline(cfg: DictConfig, run_dir: Path) -> SupervisedUNet:
     return model.eval()
 
 
-def run_job(cfg: DictConfig) -> dict:
-    """Train ``cfg.model`` on ``cfg.data``; evaluate when ``evaluation.enabled``. Returns paths."""
+def run_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
+    """Train ``cfg.model`` on ``cfg.data`` (continuing ``resume`` if given); evaluate when
+    ``evaluation.enabled``. Returns the paths written."""
     run_dir = make_run_dir(cfg)
-    model, _, ckpt = train(cfg, run_dir)
+    model, _, ckpt = train(cfg, run_dir, resume=resume)
     result = {"run_dir": run_dir, "checkpoint": ckpt}
     ev = cfg.get("evaluation")
     if ev is None or not ev.get("enabled", True):

@@ -56,8 +56,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         raise ConfigError(f"trainer: {err}") from err
 
 
-def train(cfg: DictConfig, run_dir: Path):
-    """Fit ``cfg.model`` on ``cfg.data``; returns (model with final weights, datamodule, last checkpoint)."""
+def train(cfg: DictConfig, run_dir: Path, resume: str | Path | None = None):
+    """Fit ``cfg.model`` on ``cfg.data``, continuing from the checkpoint ``resume`` if given
+    (weights, EMA, optimizer, schedule and step count); returns (model with final
+    weights, datamodule, last checkpoint)."""
+    if resume is not None and not Path(resume).is_file():
+        raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
     validate_target_config(cfg.model, "model")
     validate_target_config(cfg.data, "data")
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True)
@@ -66,7 +70,7 @@ def train(cfg: DictConfig, run_dir: Path):
     model = instantiate_from_configs(cfg.model, "model")
     trainer = build_trainer(cfg, run_dir)
     start = time.time()
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(ckpt)
     print(f"trained {trainer.global_step} steps in {time.time() - start:.0f} s; checkpoint: {ckpt}")

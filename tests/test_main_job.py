@@ -1,0 +1,172 @@
+"""End to end: run_scripts/dm4mi-conditional.py trains a tiny ConditionDDPM (and the U-Net
+baseline) on synthetic NIfTI volumes and evaluates it; run_scripts/evaluate.py re-scores the
+saved checkpoint. Everything shrunk to run on CPU in seconds."""
+import csv
+import importlib.util
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED = ROOT / "run_scripts" / "configs" / "ddpm-cond" / "bundled_ct_mr.yaml"
+UNET_BUNDLED = ROOT / "run_scripts" / "configs" / "unet" / "bundled_ct_mr_unet.yaml"
+TINY_UNET = {"channel": 8, "channel_multiplier": [1, 2], "n_res_blocks": 1, "attn_strides": [], "dropout": 0.0}
+TRAINER = {"max_steps": 3, "val_check_interval": 3, "limit_val_batches": 1, "accelerator": "cpu",
+           "enable_progress_bar": False, "log_every_n_steps": 1}
+
+
+def load_script(name: str, filename: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "run_scripts" / filename)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def smooth_volume(shape, seed):
+    """Smooth random structure in [0, 1] inside an ellipse, zero outside: (X, Y, Z)."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, n) for n in shape), indexing="ij")
+    vol = np.zeros(shape)
+    for _ in range(6):
+        c, w = rng.uniform(-0.6, 0.6, 3), rng.uniform(0.2, 0.5)
+        d2 = ((x - c[0]) ** 2 + (y - c[1]) ** 2) / (2 * w ** 2) + (z - c[2]) ** 2 / 2  # slow along z
+        vol += rng.uniform(0.3, 1.0) * np.exp(-d2)
+    vol = vol / vol.max()
+    inside = (x / 0.9) ** 2 + (y / 0.8) ** 2 <= 1
+    return np.where(inside, 0.2 + 0.8 * vol, 0.0)
+
+
+def write_volumes(folder: Path) -> list[dict]:
+    folder.mkdir()
+    shape = (40, 40, 24)
+    ct = np.round(-1000 + 2000 * smooth_volume(shape, 0)).astype(np.int16)  # HU, air outside
+    mr = np.round(250 * smooth_volume(shape, 1)).astype(np.uint8)
+    nib.save(nib.Nifti1Image(ct, np.eye(4)), str(folder / "head_ct.nii.gz"))
+    nib.save(nib.Nifti1Image(mr, np.eye(4)), str(folder / "brain_mr.nii.gz"))
+    return [{"path": str(folder / "head_ct.nii.gz"), "modality": "ct", "name": "head_ct"},
+            {"path": str(folder / "brain_mr.nii.gz"), "modality": "mr", "name": "brain_mr"}]
+
+
+@pytest.fixture(scope="module")
+def main_job(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("job")
+    volumes = write_volumes(tmp / "data")
+
+    unet_cfg = OmegaConf.load(UNET_BUNDLED)
+    unet_cfg.model.params.warmup_steps = 1
+    unet_cfg.model.params.unet_rosinality_config.params = OmegaConf.merge(
+        unet_cfg.model.params.unet_rosinality_config.params, TINY_UNET)
+    unet_cfg.trainer = OmegaConf.merge(unet_cfg.trainer, TRAINER)
+    OmegaConf.save(unet_cfg, tmp / "tiny_unet.yaml")
+
+    cfg = OmegaConf.load(BUNDLED)
+    cfg.data.params.volumes = volumes
+    cfg.data.params.cache_dir = str(tmp / "cache")
+    cfg.logging.save_dir = str(tmp / "runs")
+    cfg.evaluation.unet_config = str(tmp / "tiny_unet.yaml")
+    cfg.evaluation.methods = [
+        {"name": "noisy input", "type": "noisy"},
+        {"name": "NLM", "type": "nlm"},
+        {"name": "U-Net", "type": "unet"},
+        {"name": "DDPM DDIM 2 from t*", "type": "ddpm", "params": {"steps": 2, "t_start": "auto"}},
+    ]
+    config_path = tmp / "tiny_job.yaml"
+    OmegaConf.save(cfg, config_path)
+
+    overrides = [
+        "model.params.image_size=16", "model.params.timesteps=50", "model.params.max_train_timestep=null",
+        "model.params.warmup_steps=1", "model.params.val_denoise_steps=2",
+        "model.params.unet_rosinality_config.params.channel=8",
+        "model.params.unet_rosinality_config.params.channel_multiplier=[1,2]",
+        "data.params.image_size=16", "data.params.stride=16", "data.params.batch_size=4",
+        "logging.wandb=false", "logging.name=tiny",
+        "evaluation.max_slices_per_source=1", "evaluation.sigmas=[0.1]", "evaluation.pretrained_ddpm=null",
+        "evaluation.n_examples=1", "sampling.steps=2",
+    ] + [f"trainer.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TRAINER.items()]
+    script = load_script("dm4mi_conditional", "dm4mi-conditional.py")
+    assert script.main(["--config", str(config_path), *overrides]) == 0
+    runs = sorted((tmp / "runs").glob("tiny-*"))
+    assert len(runs) == 1, runs
+    return {"tmp": tmp, "run": runs[0], "config": config_path, "overrides": overrides}
+
+
+def read_scores(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_folder_holds_resolved_config_checkpoint_and_evaluation(main_job):
+    from utils.initialize_configs import load_config
+
+    run = main_job["run"]
+    saved = OmegaConf.load(run / "config.yaml")
+    expected = load_config(main_job["config"], main_job["overrides"])
+    assert OmegaConf.to_container(saved, resolve=True) == OmegaConf.to_container(expected, resolve=True)
+    assert saved.trainer.max_steps == 3 and saved.model.params.unet_rosinality_config.params.channel == 8
+    assert saved.model.params.max_train_timestep is None and list(saved.evaluation.sigmas) == [0.1]
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    for name in ("results.md", "scores.csv", "psnr_ssim_vs_sigma.png", "examples.png"):
+        assert (run / "evaluation" / name).is_file(), name
+    # the U-Net baseline trained in its own sub-folder with its own checkpoint
+    assert (run / "unet" / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "unet" / "config.yaml").is_file()
+
+
+def test_checkpoint_is_the_trained_conditional_model(main_job):
+    from models.ddpm_conditioned import ConditionDDPM
+
+    model = ConditionDDPM.load_from_checkpoint(str(main_job["run"] / "checkpoints" / "last.ckpt"),
+                                               map_location="cpu")
+    assert model.num_timesteps == 50 and model.unet.channel == 8 and model.max_train_timestep is None
+    assert int(model.ema_updates) == 3
+
+
+def test_scores_csv_numbers(main_job):
+    rows = read_scores(main_job["run"] / "evaluation" / "scores.csv")
+    methods = {r["method"] for r in rows}
+    assert methods == {"noisy input", "NLM", "U-Net", "DDPM DDIM 2 from t*"}
+    assert {r["modality"] for r in rows} == {"ct", "mr"}
+    assert len(rows) == 4 * 2  # 4 methods x 1 slice per source x 1 sigma
+    for r in rows:
+        assert float(r["sigma"]) == pytest.approx(0.1)
+    for r in (r for r in rows if r["method"] == "noisy input"):
+        # Gaussian noise with std 0.1 on the [0,1] scale, unclipped: PSNR = -20 log10(0.1) = 20 dB
+        assert float(r["psnr"]) == pytest.approx(20.0, abs=0.5), r
+        assert float(r["psnr_masked"]) == pytest.approx(20.0, abs=1.0), r  # the body mask is not empty
+    ddpm = [r for r in rows if r["method"] == "DDPM DDIM 2 from t*"]
+    assert len(ddpm) == 2
+    for r in ddpm:
+        for key in ("psnr", "ssim", "mae", "seconds"):
+            assert math.isfinite(float(r[key])), (key, r)
+        assert 0 < float(r["psnr"]) < 100 and -1 <= float(r["ssim"]) <= 1 and float(r["mae"]) >= 0
+    md = (main_job["run"] / "evaluation" / "results.md").read_text()
+    assert "DDPM DDIM 2 from t*" in md and "NLM" in md and "## CT" in md and "## MR" in md
+
+
+def test_evaluate_script_rescores_the_checkpoint(main_job, tmp_path):
+    script = load_script("evaluate_script", "evaluate.py")
+    out = tmp_path / "eval"
+    ckpt = main_job["run"] / "checkpoints" / "last.ckpt"
+    result = script.main(["--config", str(main_job["config"]), "--ckpt", str(ckpt), "--out", str(out),
+                          "--device", "cpu", *main_job["overrides"]])
+    assert Path(result["results_md"]) == out / "results.md" and (out / "results.md").is_file()
+    rows = read_scores(out / "scores.csv")
+    # no --unet-ckpt: the U-Net method is skipped, the others are scored
+    assert {r["method"] for r in rows} == {"noisy input", "NLM", "DDPM DDIM 2 from t*"}
+    # same noise seed, same slices, same weights: the same scores as in the main job
+    job = {(r["method"], r["source"]): r for r in read_scores(main_job["run"] / "evaluation" / "scores.csv")}
+    for r in rows:
+        ref = job[(r["method"], r["source"])]
+        assert float(r["psnr"]) == pytest.approx(float(ref["psnr"]), abs=1e-4), r
+        assert float(r["ssim"]) == pytest.approx(float(ref["ssim"]), abs=1e-5), r
+
+
+def test_evaluate_script_missing_checkpoint(main_job, tmp_path):
+    script = load_script("evaluate_script", "evaluate.py")
+    with pytest.raises(SystemExit, match="checkpoint not found"):
+        script.main(["--config", str(main_job["config"]), "--ckpt", str(tmp_path / "none.ckpt"),
+                     "--out", str(tmp_path / "eval"), "--device", "cpu", *main_job["overrides"]])
