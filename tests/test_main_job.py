@@ -170,3 +170,48 @@ def test_evaluate_script_missing_checkpoint(main_job, tmp_path):
     with pytest.raises(SystemExit, match="checkpoint not found"):
         script.main(["--config", str(main_job["config"]), "--ckpt", str(tmp_path / "none.ckpt"),
                      "--out", str(tmp_path / "eval"), "--device", "cpu", *main_job["overrides"]])
+
+
+def test_resume_continues_from_the_checkpoint(main_job):
+    """--resume restores step count and EMA, then trains on to the new max_steps."""
+    import torch
+
+    script = load_script("dm4mi_conditional_resume", "dm4mi-conditional.py")
+    ckpt = main_job["run"] / "checkpoints" / "last.ckpt"
+    overrides = [o for o in main_job["overrides"] if not o.startswith(("trainer.max_steps", "logging.name"))]
+    overrides += ["trainer.max_steps=5", "logging.name=resumed", "evaluation.enabled=false"]
+    assert script.main(["--config", str(main_job["config"]), "--resume", str(ckpt), *overrides]) == 0
+    resumed = sorted((main_job["tmp"] / "runs").glob("resumed-*"))[-1] / "checkpoints" / "last.ckpt"
+    state = torch.load(resumed, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 5 and int(state["state_dict"]["ema_updates"]) == 5
+    with pytest.raises(FileNotFoundError, match="no_such.ckpt"):
+        script.main(["--config", str(main_job["config"]), "--resume", str(main_job["tmp"] / "no_such.ckpt"),
+                     *overrides])
+    assert len(list((main_job["tmp"] / "runs").glob("resumed-*"))) == 1  # the failed call made no run folder
+
+
+def test_exported_ema_checkpoint_loads_and_denoises_like_the_ema_model(main_job, tmp_path):
+    import torch
+
+    from models.ddpm_conditioned import ConditionDDPM
+    from utils.checkpoints import export_ema_checkpoint
+
+    src = main_job["run"] / "checkpoints" / "last.ckpt"
+    dst = export_ema_checkpoint(src, tmp_path / "small.ckpt", half=False)
+    full = ConditionDDPM.load_from_checkpoint(str(src), map_location="cpu").eval()
+    small = ConditionDDPM.load_from_checkpoint(str(dst), map_location="cpu").eval()
+    assert not small.use_ema and not hasattr(small, "unet_ema")
+    for (k, v), (k2, v2) in zip(full.unet_ema.state_dict().items(), small.unet.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    noisy = torch.rand(1, 1, 20, 20) * 2 - 1
+    a = full.denoise(noisy, steps=2, t_start="auto", sigma=0.1)
+    b = small.denoise(noisy, steps=2, t_start="auto", sigma=0.1)
+    torch.testing.assert_close(a, b)
+    half = export_ema_checkpoint(src, tmp_path / "half.ckpt", half=True)
+    assert half.stat().st_size < dst.stat().st_size
+    c = ConditionDDPM.load_from_checkpoint(str(half), map_location="cpu").eval().denoise(
+        noisy, steps=2, t_start="auto", sigma=0.1)
+    assert (c - a).abs().max() < 1e-2
+    with pytest.raises(ValueError, match="no EMA weights"):
+        export_ema_checkpoint(dst, tmp_path / "again.ckpt")
+    assert not (tmp_path / "again.ckpt").exists()

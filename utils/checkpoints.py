@@ -6,14 +6,7 @@ from pathlib import Path
 
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def resolve_path(path: str | Path) -> Path:
-    """Relative paths in configs are relative to the repository root."""
-    path = Path(path)
-    return path if path.is_absolute() else REPO_ROOT / path
-
+from utils.paths import resolve_path
 
 def load_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"):
     """``cls.load_from_checkpoint`` on a path relative to the repo root, in eval mode."""

@@ -7,8 +7,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.ddpm_conditioned import ConditionDDPM
 from models.supervised_unet import SupervisedUNet
-from utils.checkpoints import load_checkpoint, resolve_path
+from utils.checkpoints import load_checkpoint
 from utils.initialize_configs import load_config
+from utils.paths import resolve_path
 from utils.training import make_run_dir, train
 
 
@@ -26,6 +27,8 @@ def train_unet_baseline(cfg: DictConfig, run_dir: Path) -> SupervisedUNet:
 def run_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
     """Train ``cfg.model`` on ``cfg.data`` (continuing ``resume`` if given); evaluate when
     ``evaluation.enabled``. Returns the paths written."""
+    if resume is not None and not Path(resume).is_file():
+        raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
     run_dir = make_run_dir(cfg)
     model, _, ckpt = train(cfg, run_dir, resume=resume)
     result = {"run_dir": run_dir, "checkpoint": ckpt}

@@ -12,14 +12,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from utils.callbacks import ImageLogger
 from utils.initialize_configs import ConfigError, instantiate_from_configs, validate_target_config
+from utils.paths import resolve_path
 
 
 def make_run_dir(cfg: DictConfig) -> Path:
-    """``<logging.save_dir>/<logging.name>-<timestamp>``, created."""
+    """A new ``<logging.save_dir>/<logging.name>-<timestamp>[-n]`` folder (save_dir relative
+    to the repo root)."""
     log = cfg.get("logging", {})
-    run_dir = Path(log.get("save_dir", "runs")) / f"{log.get('name', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=False)
-    return run_dir
+    stem = resolve_path(log.get("save_dir", "runs")) / f"{log.get('name', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    run_dir, n = stem, 0
+    while True:
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            n += 1
+            run_dir = stem.with_name(f"{stem.name}-{n}")
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
@@ -60,8 +69,6 @@ def train(cfg: DictConfig, run_dir: Path, resume: str | Path | None = None):
     """Fit ``cfg.model`` on ``cfg.data``, continuing from the checkpoint ``resume`` if given
     (weights, EMA, optimizer, schedule and step count); returns (model with final
     weights, datamodule, last checkpoint)."""
-    if resume is not None and not Path(resume).is_file():
-        raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
     validate_target_config(cfg.model, "model")
     validate_target_config(cfg.data, "data")
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True)

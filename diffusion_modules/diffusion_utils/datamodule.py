@@ -21,16 +21,10 @@ from diffusion_modules.diffusion_utils.hdf5dataset import HDF5PatchDataset, HDF5
 from diffusion_modules.diffusion_utils.noise import build_noise
 from utils.create_training_images import FORMAT_VERSION, save_as_hdf5, source_stem
 from utils.intensity import check_modality
+from utils.paths import resolve_path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SPLIT = {"mode": "slab", "fractions": [0.7, 0.15, 0.15], "gap": 4}
 DEFAULT_NOISE = {"type": "gaussian", "sigma": 0.1}
-
-
-def resolve(path) -> Path:
-    """Absolute path; relative paths are taken from the repository root."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def infer_modality(path: Path) -> str:
@@ -53,7 +47,7 @@ def parse_volume(entry) -> dict:
     unknown = set(entry) - {"path", "modality", "name"}
     if "path" not in entry or unknown:
         raise ValueError(f"volumes entry {entry!r}: needs key 'path', allows only path/modality/name")
-    path = resolve(entry["path"])
+    path = resolve_path(entry["path"])
     if path.suffix.lower() == ".h5":
         return {"path": path, "h5": True, "name": entry.get("name") or source_stem(path)}
     modality = check_modality(entry["modality"]) if entry.get("modality") else infer_modality(path)
@@ -126,7 +120,7 @@ class DenoisingDataModule(pl.LightningDataModule):
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"volume names must be unique, repeated: {duplicates} (set 'name' per volume)")
-        self.cache_dir = resolve(cache_dir)
+        self.cache_dir = resolve_path(cache_dir)
         self.image_size, self.stride, self.slice_step = int(image_size), int(stride), int(slice_step)
         self.min_foreground = float(min_foreground)
         self.noise_cfg = dict(DEFAULT_NOISE if noise is None else noise)
