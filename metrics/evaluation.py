@@ -26,6 +26,8 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from metrics.denoisers import NoisyInput, build_denoiser, plain_dict
 from metrics.image_metrics import ImageMetrics, body_mask
@@ -103,10 +105,6 @@ def add_noise(clean01: np.ndarray, sigma: float, rng: np.random.Generator, noise
 
 def _seed_torch(noise_seed: int, sigma: float, slice_number: int, method: str) -> None:
     """Seeds torch for one model call so sampling does not depend on method order."""
-    try:
-        import torch
-    except ImportError:
-        return
     seq = np.random.SeedSequence(
         [int(noise_seed), int(round(sigma * 1e6)), int(slice_number), zlib.crc32(method.encode())]
     )
@@ -201,12 +199,7 @@ def evaluate(
     examples = []
     rows = []
     saved = {}
-    try:
-        from tqdm import tqdm
-
-        progress = tqdm(total=len(sigmas) * len(slices), desc="evaluate", leave=False)
-    except ImportError:
-        progress = None
+    progress = tqdm(total=len(sigmas) * len(slices), desc="evaluate", leave=False)
 
     for sigma in sigmas:
         for i, s in enumerate(slices):
@@ -235,10 +228,8 @@ def evaluate(
                 if save_predictions:
                     path = _save_tiff(pred_dir, d.name, sigma, s, pred)
                     saved.setdefault((d.name, sigma, s["source"]), []).append((s["slice_index"], path, s))
-            if progress is not None:
-                progress.update(1)
-    if progress is not None:
-        progress.close()
+            progress.update(1)
+    progress.close()
 
     summary = summarize(rows, [d.name for d in denoisers], sigmas)
     examples.sort(key=lambda ex: (ex["slice"]["modality"], ex["number"], ex["sigma"]))
@@ -523,8 +514,6 @@ def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> 
     if cfg.get("data") is None:
         raise ValueError("config has no 'data' section")
     if device is None:
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
     datamodule = instantiate_from_configs(cfg["data"])
