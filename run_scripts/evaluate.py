@@ -7,7 +7,8 @@ r"""Evaluate denoisers on the held-out test slices of a run config.
 Builds the data module from the config's ``data`` section, loads the checkpoints (on
 CPU, then moved to --device), builds the methods of ``evaluation.methods`` and writes
 scores.csv, results.md, psnr_ssim_vs_sigma.png, examples.png and predictions/ into --out.
-Methods needing a model that was not given (no --ckpt / --unet-ckpt) are skipped.
+The shipped models named by evaluation.pretrained_ddpm and evaluation.unet_ckpt are
+loaded too (the flags replace them). Methods whose model is missing are skipped.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="run config YAML (data and evaluation sections)")
     parser.add_argument("--ckpt", help="conditional DDPM checkpoint (ConditionDDPM)")
-    parser.add_argument("--unet-ckpt", help="supervised U-Net checkpoint (SupervisedUNet)")
+    parser.add_argument("--unet-ckpt", help="supervised U-Net checkpoint (default: evaluation.unet_ckpt)")
     parser.add_argument("--pretrained-ckpt",
                         help="second ConditionDDPM for methods with model: ddpm_pretrained "
                              "(default: evaluation.pretrained_ddpm of the config)")
@@ -40,19 +41,18 @@ def main(argv=None) -> dict:
     from metrics.evaluation import run_evaluation
     from models.ddpm_conditioned import ConditionDDPM
     from models.supervised_unet import SupervisedUNet
+    from utils.checkpoints import load_checkpoint, pretrained_models
     from utils.initialize_configs import load_config
-    from utils.checkpoints import load_checkpoint
 
     cfg = load_config(args.config, args.overrides)
-    pretrained = args.pretrained_ckpt or cfg.get("evaluation", {}).get("pretrained_ddpm")
-    models = {}
-    for key, cls, path in (("ddpm", ConditionDDPM, args.ckpt), ("unet", SupervisedUNet, args.unet_ckpt),
-                           ("ddpm_pretrained", ConditionDDPM, pretrained)):
-        if path:
-            try:
+    try:
+        models = pretrained_models(cfg.get("evaluation", {}))
+        for key, cls, path in (("ddpm", ConditionDDPM, args.ckpt), ("unet", SupervisedUNet, args.unet_ckpt),
+                               ("ddpm_pretrained", ConditionDDPM, args.pretrained_ckpt)):
+            if path:
                 models[key] = load_checkpoint(cls, path)
-            except FileNotFoundError as err:
-                raise SystemExit(str(err)) from err
+    except FileNotFoundError as err:
+        raise SystemExit(str(err)) from err
     out_dir = Path(args.out) if args.out else Path("outputs") / "evaluation" / Path(args.config).stem
     result = run_evaluation(cfg, models, out_dir=out_dir, device=args.device)
     print(f"scores:      {result['scores_csv']}")

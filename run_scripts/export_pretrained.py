@@ -1,4 +1,5 @@
-"""Export a training checkpoint as the small EMA-only checkpoint that ships with the code.
+"""Export a training checkpoint as the small inference checkpoint that ships with the code
+(EMA weights only for a DDPM, float16, no optimizer state).
 
     python run_scripts/export_pretrained.py runs/<run>/checkpoints/last.ckpt pretrained/cdm4mi_bundled_ct_mr.ckpt
 """
@@ -10,16 +11,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.checkpoints import export_ema_checkpoint  # noqa: E402
+from utils.checkpoints import export_inference_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="Lightning checkpoint of a DDPM trained with EMA")
-    parser.add_argument("dst", help="where to write the EMA-only checkpoint")
+    parser.add_argument("src", help="Lightning checkpoint of a training run")
+    parser.add_argument("dst", help="where to write the inference checkpoint")
     parser.add_argument("--fp32", action="store_true", help="keep float32 (default: float16 weights)")
     args = parser.parse_args(argv)
-    dst = export_ema_checkpoint(args.src, args.dst, half=not args.fp32)
+    dst = export_inference_checkpoint(args.src, args.dst, half=not args.fp32)
     print(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -84,7 +84,7 @@ def main_job(tmp_path_factory):
         "model.params.unet_rosinality_config.params.channel_multiplier=[1,2]",
         "data.params.image_size=16", "data.params.stride=16", "data.params.batch_size=4",
         "logging.wandb=false", "logging.name=tiny",
-        "evaluation.max_slices_per_source=1", "evaluation.sigmas=[0.1]", "evaluation.pretrained_ddpm=null",
+        "evaluation.max_slices_per_source=1", "evaluation.sigmas=[0.1]", "evaluation.pretrained_ddpm=null", "evaluation.unet_ckpt=null",
         "evaluation.n_examples=1", "sampling.steps=2",
     ] + [f"trainer.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TRAINER.items()]
     script = load_script("dm4mi_conditional", "dm4mi-conditional.py")
@@ -190,14 +190,14 @@ def test_resume_continues_from_the_checkpoint(main_job):
     assert len(list((main_job["tmp"] / "runs").glob("resumed-*"))) == 1  # the failed call made no run folder
 
 
-def test_exported_ema_checkpoint_loads_and_denoises_like_the_ema_model(main_job, tmp_path):
+def test_exported_checkpoints_load_and_denoise_like_the_trained_models(main_job, tmp_path):
     import torch
 
     from models.ddpm_conditioned import ConditionDDPM
-    from utils.checkpoints import export_ema_checkpoint
+    from utils.checkpoints import export_inference_checkpoint
 
     src = main_job["run"] / "checkpoints" / "last.ckpt"
-    dst = export_ema_checkpoint(src, tmp_path / "small.ckpt", half=False)
+    dst = export_inference_checkpoint(src, tmp_path / "small.ckpt", half=False)
     full = ConditionDDPM.load_from_checkpoint(str(src), map_location="cpu").eval()
     small = ConditionDDPM.load_from_checkpoint(str(dst), map_location="cpu").eval()
     assert not small.use_ema and not hasattr(small, "unet_ema")
@@ -207,11 +207,29 @@ def test_exported_ema_checkpoint_loads_and_denoises_like_the_ema_model(main_job,
     a = full.denoise(noisy, steps=2, t_start="auto", sigma=0.1)
     b = small.denoise(noisy, steps=2, t_start="auto", sigma=0.1)
     torch.testing.assert_close(a, b)
-    half = export_ema_checkpoint(src, tmp_path / "half.ckpt", half=True)
+    half = export_inference_checkpoint(src, tmp_path / "half.ckpt", half=True)
     assert half.stat().st_size < dst.stat().st_size
     c = ConditionDDPM.load_from_checkpoint(str(half), map_location="cpu").eval().denoise(
         noisy, steps=2, t_start="auto", sigma=0.1)
     assert (c - a).abs().max() < 1e-2
-    with pytest.raises(ValueError, match="no EMA weights"):
-        export_ema_checkpoint(dst, tmp_path / "again.ckpt")
+    unet_small = export_inference_checkpoint(main_job["run"] / "unet" / "checkpoints" / "last.ckpt",
+                                             tmp_path / "unet.ckpt")
+    from models.supervised_unet import SupervisedUNet
+
+    unet_full = SupervisedUNet.load_from_checkpoint(str(main_job["run"] / "unet" / "checkpoints" / "last.ckpt"),
+                                                    map_location="cpu").eval()
+    unet_half = SupervisedUNet.load_from_checkpoint(str(unet_small), map_location="cpu").eval()
+    assert (unet_full.denoise(noisy) - unet_half.denoise(noisy)).abs().max() < 1e-2
+    torch.save({"weights": 1}, tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="not a Lightning checkpoint"):
+        export_inference_checkpoint(tmp_path / "plain.pt", tmp_path / "again.ckpt")
     assert not (tmp_path / "again.ckpt").exists()
+
+
+def test_missing_shipped_checkpoint_fails_before_training(main_job):
+    script = load_script("dm4mi_conditional_missing", "dm4mi-conditional.py")
+    overrides = [o for o in main_job["overrides"] if not o.startswith(("evaluation.pretrained_ddpm", "logging.name"))]
+    with pytest.raises(FileNotFoundError, match="missing_model.ckpt"):
+        script.main(["--config", str(main_job["config"]), *overrides, "logging.name=missing",
+                     f"evaluation.pretrained_ddpm={main_job['tmp'] / 'missing_model.ckpt'}"])
+    assert not list((main_job["tmp"] / "runs").glob("missing-*"))

@@ -16,23 +16,25 @@ def load_checkpoint(cls, path: str | Path, map_location: str | torch.device = "c
     return cls.load_from_checkpoint(str(path), map_location=map_location).eval()
 
 
-def export_ema_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> Path:
-    """Write a checkpoint of ``src`` that keeps only the EMA UNet, as the model's UNet.
+def export_inference_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> Path:
+    """Write the small checkpoint we ship: weights for inference only.
 
-    The result loads with ``ConditionDDPM.load_from_checkpoint`` (``use_ema`` is set to
-    false in its hyper-parameters, the EMA weights becoming the weights); optimizer and
-    loop states are dropped and floating tensors stored in float16 when ``half``.
+    A model trained with EMA (``unet_ema.*`` in its state dict) keeps only the EMA UNet, as
+    the model's UNet, with ``use_ema`` set to false in its hyper-parameters; other models
+    (the supervised U-Net) keep their weights. Optimizer and loop states are dropped and
+    floating tensors stored in float16 when ``half``. Loads with ``Cls.load_from_checkpoint``.
     The file is written atomically.
     """
     ckpt = torch.load(src, map_location="cpu", weights_only=False)
-    state = ckpt.get("state_dict")
-    if state is None or not any(k.startswith("unet_ema.") for k in state):
-        raise ValueError(f"{src}: no EMA weights (unet_ema.*) in its state_dict")
-    ema = {"unet." + k[len("unet_ema."):]: v for k, v in state.items() if k.startswith("unet_ema.")}
+    if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(f"{src}: not a Lightning checkpoint (no state_dict / hyper_parameters)")
+    state, hparams = ckpt["state_dict"], dict(ckpt["hyper_parameters"])
+    if any(k.startswith("unet_ema.") for k in state):
+        state = {"unet." + k[len("unet_ema."):]: v for k, v in state.items() if k.startswith("unet_ema.")}
+        hparams["use_ema"] = False
     if half:
-        ema = {k: v.half() if v.is_floating_point() else v for k, v in ema.items()}
-    hparams = dict(ckpt["hyper_parameters"], use_ema=False)
-    out = {"state_dict": ema, "hyper_parameters": hparams,
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    out = {"state_dict": state, "hyper_parameters": hparams,
            "pytorch-lightning_version": ckpt.get("pytorch-lightning_version"),
            "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
     dst = Path(dst)
@@ -41,3 +43,18 @@ def export_ema_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -
     torch.save(out, tmp)
     os.replace(tmp, dst)
     return dst
+
+
+def pretrained_models(evaluation_cfg) -> dict:
+    """The shipped models an ``evaluation`` config section names, by method model key:
+    ``pretrained_ddpm`` -> "ddpm_pretrained" (ConditionDDPM), ``unet_ckpt`` -> "unet"
+    (SupervisedUNet). Unset entries are left out."""
+    from models.ddpm_conditioned import ConditionDDPM
+    from models.supervised_unet import SupervisedUNet
+
+    models = {}
+    for key, cls, path in (("ddpm_pretrained", ConditionDDPM, evaluation_cfg.get("pretrained_ddpm")),
+                           ("unet", SupervisedUNet, evaluation_cfg.get("unet_ckpt"))):
+        if path:
+            models[key] = load_checkpoint(cls, path)
+    return models

@@ -5,9 +5,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from models.ddpm_conditioned import ConditionDDPM
 from models.supervised_unet import SupervisedUNet
-from utils.checkpoints import load_checkpoint
+from utils.checkpoints import pretrained_models
 from utils.initialize_configs import load_config
 from utils.paths import resolve_path
 from utils.training import make_run_dir, train
@@ -29,22 +28,20 @@ def run_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
     ``evaluation.enabled``. Returns the paths written."""
     if resume is not None and not Path(resume).is_file():
         raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
+    ev = cfg.get("evaluation")
+    evaluate = ev is not None and ev.get("enabled", True)
+    models = pretrained_models(ev) if evaluate else {}  # a missing checkpoint fails before training
     run_dir = make_run_dir(cfg)
     model, _, ckpt = train(cfg, run_dir, resume=resume)
     result = {"run_dir": run_dir, "checkpoint": ckpt}
-    ev = cfg.get("evaluation")
-    if ev is None or not ev.get("enabled", True):
+    if not evaluate:
         print(f"run folder: {run_dir}\ncheckpoint: {ckpt}")
         return result
     from metrics.evaluation import run_evaluation
 
-    models = {"unet" if isinstance(model, SupervisedUNet) else "ddpm": model.eval()}
-    if ev.get("unet_config") and "unet" not in models:
+    models["unet" if isinstance(model, SupervisedUNet) else "ddpm"] = model.eval()
+    if ev.get("unet_config") and not isinstance(model, SupervisedUNet):
         models["unet"] = train_unet_baseline(cfg, run_dir)
-    if ev.get("unet_ckpt"):
-        models["unet"] = load_checkpoint(SupervisedUNet, ev.unet_ckpt)
-    if ev.get("pretrained_ddpm"):
-        models["ddpm_pretrained"] = load_checkpoint(ConditionDDPM, ev.pretrained_ddpm)
     outputs = run_evaluation(cfg, models, out_dir=run_dir / "evaluation")
     result.update(outputs)
     print(f"run folder:  {run_dir}\ncheckpoint:  {ckpt}\nconfig:      {run_dir / 'config.yaml'}")
