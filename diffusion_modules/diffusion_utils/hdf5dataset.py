@@ -5,7 +5,8 @@ Items are dicts (spec.md):
   x_prior (1,H,W) float32 clean image in [-1,1]
   sigma   float32 scalar, noise std on the [0,1] scale
   index   int64 item index
-HDF5SliceDataset items add slice_index, source, modality, norm, spacing and mask.
+HDF5SliceDataset items add slice_index, source, modality, norm, spacing and the body mask
+(metrics.image_metrics.body_mask, the mask the evaluation scores in).
 
 Noise: noise_seed=None draws fresh noise at every read (training); an int fixes the noise
 of item i with np.random.default_rng([noise_seed, i]), identical across runs, machines,
@@ -27,10 +28,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from scipy import ndimage
 from torch.utils.data import Dataset
 
-from utils.create_training_images import FOREGROUND_THRESHOLD, UINT16_SCALE, source_stem
+from metrics.image_metrics import body_mask
+from utils.create_training_images import UINT16_SCALE, source_stem
 
 REQUIRED = ("volume", "patches", "slice_index", "origin")
 
@@ -60,15 +61,6 @@ def read_meta(path: Path) -> dict:
             "slice_index": f["slice_index"][:],
             "origin": f["origin"][:],
         }
-
-
-def body_mask(clean01: np.ndarray) -> np.ndarray:
-    """Largest connected foreground component (> FOREGROUND_THRESHOLD) with holes filled."""
-    labels, n = ndimage.label(clean01 > FOREGROUND_THRESHOLD)
-    if n == 0:
-        return np.zeros(clean01.shape, dtype=bool)
-    sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
-    return ndimage.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
 
 
 def augment_pair(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
