@@ -6,7 +6,7 @@ noisy step (alpha_bar_0 = 1 - beta_0).
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Mapping
 
 import lightning.pytorch as pl
@@ -126,7 +126,7 @@ class DDPM(pl.LightningModule):
         return self.unet_ema if self._ema_active else self.unet
 
     @contextmanager
-    def ema_scope(self, context: str | None = None) -> Iterator[None]:
+    def ema_scope(self) -> Iterator[None]:
         """Use the EMA weights inside this block (no-op without EMA)."""
         previous = self._ema_active
         self._ema_active = self.use_ema
@@ -185,7 +185,7 @@ class DDPM(pl.LightningModule):
         return self._sample_from(x_T, None, sampler, steps, eta, None, 1.0, generator, use_ema)
 
     def _sample_from(self, x_T, cond, sampler, steps, eta, t_start, guidance_scale, generator, use_ema):
-        scope = self.ema_scope() if use_ema else _nullscope()
+        scope = self.ema_scope() if use_ema else nullcontext()
         with scope:
             if sampler == "ddpm":
                 return self.p_sample_loop(x_T, cond, t_start, guidance_scale, generator=generator)
@@ -228,9 +228,10 @@ class DDPM(pl.LightningModule):
             return clipped / (snr + 1)
         return clipped
 
-    def sample_timesteps(self, n: int) -> torch.Tensor:
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Uniform training timesteps in [0, max_train_timestep] (default [0, T-1])."""
         high = self.num_timesteps if self.max_train_timestep is None else self.max_train_timestep + 1
-        return torch.randint(0, high, (n,), device=self.device)
+        return torch.randint(0, high, (n,), generator=generator, device=self.device)
 
     def shared_step(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         x0 = batch["x_prior"]
@@ -244,7 +245,7 @@ class DDPM(pl.LightningModule):
     def validation_step(self, batch, batch_idx):
         x0 = batch["x_prior"]
         g = torch.Generator(device=self.device).manual_seed(batch_idx)
-        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), generator=g, device=self.device)
+        t = self.sample_timesteps(x0.shape[0], generator=g)
         noise = torch.randn(x0.shape, generator=g, device=self.device)
         with self.ema_scope():
             loss = self.p_losses(x0, self.get_condition(batch), t, noise)
@@ -285,7 +286,3 @@ class DDPM(pl.LightningModule):
         samples = self.sample(batch_size=x0.shape[0], sampler="ddim", steps=steps, generator=g)
         return {"inputs": x0, "diffusion_row": torch.cat(row), "samples": samples}
 
-
-@contextmanager
-def _nullscope() -> Iterator[None]:
-    yield
