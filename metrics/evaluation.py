@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import re
-import tempfile
 import time
 import warnings
 import zlib
@@ -31,6 +29,7 @@ from tqdm import tqdm
 
 from metrics.denoisers import NoisyInput, build_denoiser, plain_dict
 from metrics.image_metrics import ImageMetrics, body_mask
+from utils.atomic import atomic_write
 
 NOISE_TYPES = ("gaussian", "rician")
 CSV_COLUMNS = (
@@ -42,29 +41,12 @@ SLICE_KEYS = ("clean", "source", "modality", "slice_index", "spacing", "norm")
 
 
 # ----------------------------------------------------------------------------- files
-def _atomic_write(path: Path, write) -> Path:
-    """Calls write(tmp_path) on a temporary file beside ``path``, then renames it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
-
-
 def _atomic_text(path: Path, text: str) -> Path:
     def write(tmp):
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
 
-    return _atomic_write(path, write)
+    return atomic_write(path, write)
 
 
 def safe_name(name: str) -> str:
@@ -361,7 +343,7 @@ def _save_figure(path: Path, fig) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        return _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     finally:
         plt.close(fig)
 
@@ -444,7 +426,7 @@ def _save_tiff(pred_dir: Path, method: str, sigma: float, s, pred01) -> Path:
     path = (pred_dir / safe_name(method) / sigma_tag(sigma)
             / f"{safe_name(s['source'])}_z{int(s['slice_index']):04d}.tif")
     data = _to_physical(pred01, s["norm"])
-    return _atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data))
+    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data))
 
 
 def _save_nifti(pred_dir: Path, method: str, sigma: float, source: str, items) -> Path:
@@ -468,7 +450,7 @@ def _save_nifti(pred_dir: Path, method: str, sigma: float, source: str, items) -
     norm = items[0][2]["norm"]
     img.header["descrip"] = f"{method} sigma={sigma:g} {norm.get('modality', '')}"[:79].encode()
     path = pred_dir / safe_name(method) / sigma_tag(sigma) / f"{safe_name(source)}.nii.gz"
-    return _atomic_write(path, lambda tmp: nib.save(img, tmp))
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))
 
 
 # ----------------------------------------------------------------------------- config glue

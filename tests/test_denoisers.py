@@ -168,7 +168,7 @@ def test_sigma_estimating_hides_true_sigma():
     "entry, models, match",
     [
         ({"name": "x", "type": "wiener"}, {}, "type must be one of"),
-        ({"name": "DDPM", "type": "ddpm"}, {}, "needs a ddpm model"),
+        ({"name": "DDPM", "type": "ddpm"}, {}, "needs the 'ddpm' model"),
         ({"name": "NLM", "type": "nlm", "params": {"h": 3}}, {}, "bad params"),
         ({"name": "U", "type": "unet", "params": {"steps": 3}}, {"unet": ConstantUNet(0.0)}, "bad params"),
         ({"name": "NLM", "type": "nlm", "sigmas": 3}, {}, "unknown keys"),

@@ -1,11 +1,11 @@
 """Loading checkpoints named in configs, and exporting the small EMA-only checkpoint we ship."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from utils.atomic import atomic_write
 from utils.paths import resolve_path
 
 def load_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"):
@@ -37,12 +37,7 @@ def export_inference_checkpoint(src: str | Path, dst: str | Path, half: bool = T
     out = {"state_dict": state, "hyper_parameters": hparams,
            "pytorch-lightning_version": ckpt.get("pytorch-lightning_version"),
            "global_step": ckpt.get("global_step"), "epoch": ckpt.get("epoch")}
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    torch.save(out, tmp)
-    os.replace(tmp, dst)
-    return dst
+    return atomic_write(dst, lambda tmp: torch.save(out, tmp))
 
 
 def pretrained_models(evaluation_cfg) -> dict:

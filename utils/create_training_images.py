@@ -18,14 +18,13 @@ CLI: python -m utils.create_training_images INPUT --name NAME --out DIR
 """
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import h5py
 import numpy as np
 from tqdm import tqdm
 
+from utils.atomic import atomic_write
 from utils.intensity import check_modality, normalize
 
 FORMAT_VERSION = 1
@@ -211,9 +210,8 @@ def save_as_hdf5(
 
     targetdir.mkdir(parents=True, exist_ok=True)
     target = targetdir / f"{datasetname}.h5"
-    fd, tmp = tempfile.mkstemp(prefix=f".{datasetname}.", suffix=".h5.tmp", dir=targetdir)
-    os.close(fd)
-    try:
+
+    def write(tmp: str) -> None:
         with h5py.File(tmp, "w") as f:
             f.create_dataset("volume", data=np.round(x01 * UINT16_SCALE).astype(np.uint16))
             patches = f.create_dataset("patches", shape=(count, image_size, image_size), dtype=np.uint16)
@@ -244,11 +242,8 @@ def save_as_hdf5(
                 foreground_threshold=FOREGROUND_THRESHOLD,
                 format_version=FORMAT_VERSION,
             )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(target, write)
     return target
 
 

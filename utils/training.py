@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
+from utils.atomic import atomic_write
 from utils.callbacks import ImageLogger
 from utils.initialize_configs import ConfigError, instantiate_from_configs, validate_target_config
 from utils.paths import resolve_path
@@ -33,9 +34,7 @@ def make_run_dir(cfg: DictConfig) -> Path:
 
 def save_config(cfg: DictConfig, path: Path) -> None:
     """Write the resolved config atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    OmegaConf.save(cfg, tmp, resolve=True)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: OmegaConf.save(cfg, tmp, resolve=True))
 
 
 def build_logger(cfg: DictConfig, run_dir: Path):
