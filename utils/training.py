@@ -75,6 +75,9 @@ def train(cfg: DictConfig, run_dir: Path, resume: str | Path | None = None):
     datamodule = instantiate_from_configs(cfg.data, "data")
     model = instantiate_from_configs(cfg.model, "model")
     trainer = build_trainer(cfg, run_dir)
+    # the whole resolved run config goes to the logger (the DataModule saves no hparams of
+    # its own, so checkpoints carry no data paths)
+    trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
     start = time.time()
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
     ckpt = run_dir / "checkpoints" / "last.ckpt"

@@ -112,7 +112,6 @@ class DenoisingDataModule(pl.LightningDataModule):
         in_memory: bool = False,
     ):
         super().__init__()
-        self.save_hyperparameters()
         if volumes is None or isinstance(volumes, (str, Path)) or len(volumes) == 0:
             raise ValueError("volumes must be a non-empty list of paths or {path, modality, name} mappings")
         self.volumes = [parse_volume(v) for v in volumes]
