@@ -11,17 +11,14 @@ import numpy as np
 from scipy import ndimage
 from skimage.metrics import structural_similarity
 
-try:
-    import torch
-except ImportError:  # torch is optional for the metrics themselves
-    torch = None
+import torch
 
 METRIC_NAMES = ("psnr", "ssim", "mae")
 
 
 def _to_numpy(x, what: str) -> np.ndarray:
     """Converts a numpy array or torch tensor to a float64 numpy array."""
-    if torch is not None and isinstance(x, torch.Tensor):
+    if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     arr = np.asarray(x)
     if arr.dtype == bool:

@@ -132,7 +132,7 @@ class ConditionDDPM(DDPM):
         return loss
 
     @torch.no_grad()
-    def log_images(self, batch, n: int = 4, steps: int = 20, diffusion_points: int = 5):
+    def log_images(self, batch, n: int = 4, steps: int = 20):
         """Named rows in [-1, 1]: clean, noisy, denoised from the matched start and from pure noise."""
         x0, cond = batch["x_prior"][:n], batch["x_cond"][:n]
         rows = {"inputs": x0, "conditioning": cond}
