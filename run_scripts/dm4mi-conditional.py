@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.initialize_configs import ConfigError, load_config  # noqa: E402
-from utils.run_job import run_job  # noqa: E402
+from orchestration.run_job import run_job  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

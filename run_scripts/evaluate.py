@@ -38,10 +38,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from metrics.evaluation import run_evaluation
+    from orchestration.evaluation_job import run_evaluation
     from models.ddpm_conditioned import ConditionDDPM
     from models.supervised_unet import SupervisedUNet
-    from utils.checkpoints import load_checkpoint, pretrained_models
+    from orchestration.checkpoints import load_checkpoint, pretrained_models
     from utils.initialize_configs import load_config
 
     cfg = load_config(args.config, args.overrides)

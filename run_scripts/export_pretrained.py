@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.checkpoints import export_inference_checkpoint  # noqa: E402
+from orchestration.checkpoints import export_inference_checkpoint  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -5,7 +5,7 @@ from lightning.pytorch.loggers import Logger
 from torch.utils.data import DataLoader
 
 from models.ddpm_conditioned import ConditionDDPM
-from utils.callbacks import ImageLogger
+from orchestration.callbacks import ImageLogger
 
 UNET = {"target": "diffusion_modules.unet_arch.unet_rosinality.UNet",
         "params": {"in_channel": 2, "channel": 8, "channel_multiplier": [1, 2], "n_res_blocks": 1,

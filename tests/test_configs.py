@@ -175,7 +175,7 @@ def test_missing_config_file(tmp_path):
 
 
 def test_unknown_trainer_argument_is_a_config_error(tmp_path):
-    from utils.training import build_trainer
+    from orchestration.training import build_trainer
 
     cfg = load_config(BUNDLED, ["logging.wandb=false", "trainer.max_stepz=3"])
     with pytest.raises(ConfigError, match=r"trainer:.*max_stepz"):

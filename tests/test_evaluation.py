@@ -16,11 +16,10 @@ from metrics.evaluation import (
     CSV_COLUMNS,
     add_noise,
     evaluate,
-    limit_slices,
     noise_rng,
-    run_evaluation,
     safe_name,
 )
+from orchestration.evaluation_job import limit_slices, run_evaluation
 
 SIGMAS = [0.05, 0.1, 0.2]
 

@@ -194,7 +194,7 @@ def test_exported_checkpoints_load_and_denoise_like_the_trained_models(main_job,
     import torch
 
     from models.ddpm_conditioned import ConditionDDPM
-    from utils.checkpoints import export_inference_checkpoint
+    from orchestration.checkpoints import export_inference_checkpoint
 
     src = main_job["run"] / "checkpoints" / "last.ckpt"
     dst = export_inference_checkpoint(src, tmp_path / "small.ckpt", half=False)

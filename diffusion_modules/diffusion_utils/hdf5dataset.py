@@ -5,8 +5,7 @@ Items are dicts (spec.md):
   x_prior (1,H,W) float32 clean image in [-1,1]
   sigma   float32 scalar, noise std on the [0,1] scale
   index   int64 item index
-HDF5SliceDataset items add slice_index, source, modality, norm, spacing and the body mask
-(metrics.image_metrics.body_mask, the mask the evaluation scores in).
+HDF5SliceDataset items add slice_index, source, modality, norm and spacing (mm).
 
 Noise: noise_seed=None draws fresh noise at every read (training); an int fixes the noise
 of item i with np.random.default_rng([noise_seed, i]), identical across runs, machines,
@@ -30,7 +29,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from metrics.image_metrics import body_mask
 from utils.create_training_images import UINT16_SCALE, source_stem
 
 REQUIRED = ("volume", "patches", "slice_index", "origin")
@@ -250,6 +248,5 @@ class HDF5SliceDataset(_HDF5Base):
             modality=meta["modality"],
             norm=dict(meta["norm"]),
             spacing=torch.tensor(meta["spacing"], dtype=torch.float32),
-            mask=torch.from_numpy(body_mask(clean)[None]),
         )
         return item

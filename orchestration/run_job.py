@@ -6,10 +6,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from models.supervised_unet import SupervisedUNet
-from utils.checkpoints import pretrained_models
+from orchestration.checkpoints import pretrained_models
 from utils.initialize_configs import load_config
 from utils.paths import resolve_path
-from utils.training import make_run_dir, train
+from orchestration.training import make_run_dir, train
 
 
 def train_unet_baseline(cfg: DictConfig, run_dir: Path) -> SupervisedUNet:
@@ -37,7 +37,7 @@ def run_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
     if not evaluate:
         print(f"run folder: {run_dir}\ncheckpoint: {ckpt}")
         return result
-    from metrics.evaluation import run_evaluation
+    from orchestration.evaluation_job import run_evaluation
 
     models["unet" if isinstance(model, SupervisedUNet) else "ddpm"] = model.eval()
     if ev.get("unet_config") and not isinstance(model, SupervisedUNet):

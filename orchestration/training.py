@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from utils.atomic import atomic_write
-from utils.callbacks import ImageLogger
+from orchestration.callbacks import ImageLogger
 from utils.initialize_configs import ConfigError, instantiate_from_configs, validate_target_config
 from utils.paths import resolve_path
 
