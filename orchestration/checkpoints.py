@@ -1,19 +1,75 @@
-"""Loading checkpoints named in configs, and exporting the small EMA-only checkpoint we ship."""
+"""Loading checkpoints named in configs, and exporting the small EMA-only checkpoint we ship.
+
+Checkpoints are read with ``torch.load(weights_only=True)`` only (tensors and plain data;
+a pickle that would run code is refused), and the ``target`` nodes in their
+hyper-parameters (the UNet config) are checked against the target allowlist of
+``utils.initialize_configs`` before the model is built.
+"""
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import torch
 
 from utils.atomic import atomic_write
+from utils.initialize_configs import ConfigError, allowed_targets, validate_all_targets
 from utils.paths import resolve_path
 
-def load_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu"):
-    """``cls.load_from_checkpoint`` on a path relative to the repo root, in eval mode."""
+
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read safely; the message names the file."""
+
+
+def _safe_load(source, name: str | Path, map_location="cpu") -> dict:
+    """``torch.load(source, weights_only=True)``; any failure (unreadable, empty, truncated,
+    or a pickle holding objects other than tensors and plain data) is a CheckpointError
+    naming ``name``."""
+    try:
+        ckpt = torch.load(source, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # UnpicklingError, EOFError of an empty file, RuntimeError of a truncated zip, ...
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        # torch's weights-only message names the refused global on a later line
+        detail = next((line for line in lines if "GLOBAL" in line), lines[0] if lines else "empty or truncated file")
+        raise CheckpointError(f"{name}: cannot be read as a checkpoint with torch.load(weights_only=True) "
+                              f"(unreadable, empty, truncated, or holding objects other than tensors and plain "
+                              f"data; refusing to unpickle it): {type(err).__name__}: {detail[:300]}") from err
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{name}: not a Lightning checkpoint (a {type(ckpt).__name__}, expected a dict)")
+    return ckpt
+
+
+def check_hyper_parameters(ckpt: dict, name: str | Path, allow_targets=None) -> None:
+    """ConfigError naming the file and the config path if a ``target`` in the checkpoint's
+    hyper-parameters is not allowed (default allowlist plus ``allow_targets``) or invalid."""
+    try:
+        validate_all_targets(ckpt.get("hyper_parameters") or {}, "hyper_parameters", allow_targets=allow_targets)
+    except ConfigError as err:
+        raise ConfigError(f"{name}: {err}") from err
+
+
+def load_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu", allow_targets=None):
+    """``cls.load_from_checkpoint`` on a path relative to the repo root, in eval mode.
+
+    The file is read once, with ``weights_only=True``, and the ``target`` nodes of its
+    hyper-parameters are checked (default allowlist plus ``allow_targets``) before the
+    model is built.
+    """
     path = resolve_path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return cls.load_from_checkpoint(str(path), map_location=map_location).eval()
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({err})") from err
+    ckpt = _safe_load(io.BytesIO(data), path)
+    check_hyper_parameters(ckpt, path, allow_targets)
+    del ckpt
+    with allowed_targets(allow_targets):
+        model = cls.load_from_checkpoint(io.BytesIO(data), map_location=map_location, weights_only=True)
+    return model.eval()
 
 
 def export_inference_checkpoint(src: str | Path, dst: str | Path, half: bool = True) -> Path:
@@ -25,7 +81,7 @@ def export_inference_checkpoint(src: str | Path, dst: str | Path, half: bool = T
     floating tensors stored in float16 when ``half``. Loads with ``Cls.load_from_checkpoint``.
     The file is written atomically.
     """
-    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    ckpt = _safe_load(src, src)
     if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"{src}: not a Lightning checkpoint (no state_dict / hyper_parameters)")
     state, hparams = ckpt["state_dict"], dict(ckpt["hyper_parameters"])

@@ -68,12 +68,13 @@ def train(cfg: DictConfig, run_dir: Path, resume: str | Path | None = None):
     """Fit ``cfg.model`` on ``cfg.data``, continuing from the checkpoint ``resume`` if given
     (weights, EMA, optimizer, schedule and step count); returns (model with final
     weights, datamodule, last checkpoint)."""
-    validate_target_config(cfg.model, "model")
-    validate_target_config(cfg.data, "data")
+    allow = cfg.get("allow_targets")  # extra target prefixes the run config permits
+    validate_target_config(cfg.model, "model", allow_targets=allow)
+    validate_target_config(cfg.data, "data", allow_targets=allow)
     pl.seed_everything(int(cfg.get("seed", 0)), workers=True)
     save_config(cfg, run_dir / "config.yaml")
-    datamodule = instantiate_from_configs(cfg.data, "data")
-    model = instantiate_from_configs(cfg.model, "model")
+    datamodule = instantiate_from_configs(cfg.data, "data", allow_targets=allow)
+    model = instantiate_from_configs(cfg.model, "model", allow_targets=allow)
     trainer = build_trainer(cfg, run_dir)
     # the whole resolved run config goes to the logger (the DataModule saves no hparams of
     # its own, so checkpoints carry no data paths)

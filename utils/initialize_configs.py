@@ -4,28 +4,148 @@ A node ``{target: package.module.Class, params: {...}}`` becomes ``Class(**param
 Nested nodes that themselves carry a ``target`` (the UNet inside the model) are checked
 the same way before anything is built, so a typo anywhere is reported with its full
 config path, e.g. ``model.params.unet_rosinality_config.params.chanel``.
+
+Targets are allow-listed, because a config (or the hyper-parameters of a checkpoint,
+which hold the UNet config) must not be able to run arbitrary code such as
+``{target: os.system, params: {command: ...}}``. The target *string* is checked before
+anything is imported; by default only classes are allowed, under this project's packages
+(``utils``, ``diffusion_modules``, ``models``, ``metrics``, ``orchestration``), or under
+``torch`` / ``lightning`` / ``pytorch_lightning`` when they subclass a module, optimizer,
+LR scheduler, dataset, Lightning callback, data module or LightningModule. A run config
+widens the list with a top-level ``allow_targets: [mypackage, other.module.Class]``
+(prefixes of whole dotted components; anything callable under them is allowed), passed
+as ``instantiate_from_configs(..., allow_targets=...)``. The extra prefixes hold while
+that call builds its object, so they also reach configs that constructors instantiate
+themselves (``DDPM.__init__`` builds its UNet config); a checkpoint loaded later gets
+only the default list.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import inspect
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 #: Top-level sections a run config may hold, besides ``base`` (a config this one extends).
-RUN_SECTIONS = ("seed", "model", "data", "trainer", "sampling", "logging", "evaluation")
+#: ``allow_targets`` lists extra target prefixes a run config permits (see the module doc).
+RUN_SECTIONS = ("seed", "model", "data", "trainer", "sampling", "logging", "evaluation", "allow_targets")
+
+#: This project's packages: any class under them may be a target.
+PROJECT_PACKAGES = ("utils", "diffusion_modules", "models", "metrics", "orchestration")
+#: Framework packages: their classes may be targets if they subclass one of _framework_bases().
+FRAMEWORK_PACKAGES = ("torch", "lightning", "pytorch_lightning")
+
+_EXTRA_ALLOWED: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("cdm4mi_allow_targets",
+                                                                                 default=())
 
 
 class ConfigError(ValueError):
     """A config is malformed; the message names the offending config path."""
 
 
+def _is_dotted_name(name: Any) -> bool:
+    return isinstance(name, str) and all(part.isidentifier() for part in name.split("."))
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    """``name`` is one of ``prefixes`` or inside one, matching whole dotted components."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def normalize_allow_targets(allow_targets: Any, path: str = "allow_targets") -> tuple[str, ...]:
+    """``allow_targets`` of a run config as a tuple of dotted prefixes (None -> ())."""
+    if allow_targets is None:
+        return ()
+    allow_targets = _as_dict(allow_targets)
+    if isinstance(allow_targets, str):
+        allow_targets = [allow_targets]
+    if not isinstance(allow_targets, (list, tuple)):
+        raise ConfigError(f"{path}: expected a list of dotted package / module / class names, "
+                          f"got {type(allow_targets).__name__}")
+    for i, item in enumerate(allow_targets):
+        if not _is_dotted_name(item):
+            raise ConfigError(f"{path}[{i}]: expected a dotted name like 'mypackage' or 'mypackage.module.Class', "
+                              f"got {item!r}")
+    return tuple(allow_targets)
+
+
+@contextlib.contextmanager
+def allowed_targets(extra: Any = None) -> Iterator[tuple[str, ...]]:
+    """Allow the targets under the prefixes ``extra`` too while the block runs (nested
+    instantiations done by constructors included); yields the extra prefixes in force."""
+    token = _EXTRA_ALLOWED.set(_EXTRA_ALLOWED.get() + normalize_allow_targets(extra))
+    try:
+        yield _EXTRA_ALLOWED.get()
+    finally:
+        _EXTRA_ALLOWED.reset(token)
+
+
+def _framework_bases() -> tuple[type, ...]:
+    import torch
+
+    bases: list[type] = [torch.nn.Module, torch.optim.Optimizer, torch.utils.data.Dataset]
+    scheduler = getattr(torch.optim.lr_scheduler, "LRScheduler", None) or torch.optim.lr_scheduler._LRScheduler
+    bases.append(scheduler)
+    for package in ("lightning.pytorch", "pytorch_lightning"):
+        try:
+            pl = importlib.import_module(package)
+        except ImportError:
+            continue
+        bases += [pl.Callback, pl.LightningDataModule, pl.LightningModule]
+    return tuple(bases)
+
+
+_NOT_ALLOWED_HINT = (f"only classes under {', '.join(PROJECT_PACKAGES)} and torch / lightning modules, optimizers, "
+                     "LR schedulers, datasets, callbacks and data modules may be targets; "
+                     "add its package to allow_targets to permit it")
+
+
+def _check_target_name(name: str, path: str) -> str:
+    """Which rule admits the target string: "extra", "project" or "framework"; ConfigError if none.
+    Nothing is imported."""
+    if _under(name, _EXTRA_ALLOWED.get()):
+        return "extra"
+    if _under(name, PROJECT_PACKAGES):
+        return "project"
+    if _under(name, FRAMEWORK_PACKAGES):
+        return "framework"
+    raise ConfigError(f"{path}: {name!r} is not an allowed target ({_NOT_ALLOWED_HINT})")
+
+
+def _check_target_object(obj: Any, name: str, rule: str, path: str) -> None:
+    """After import: extra prefixes admit anything callable; otherwise the object must be a class,
+    defined under an allowed package (not merely imported into one), and for torch / lightning
+    a subclass of one of the framework base classes."""
+    if rule == "extra":
+        if not callable(obj):
+            raise ConfigError(f"{path}: target {name!r} is not callable")
+        return
+    if not inspect.isclass(obj):
+        raise ConfigError(f"{path}: {name!r} is not an allowed target: it is a {type(obj).__name__}, not a class "
+                          f"({_NOT_ALLOWED_HINT})")
+    defined_in = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+    if _under(defined_in, PROJECT_PACKAGES):
+        return
+    if _under(defined_in, FRAMEWORK_PACKAGES) and issubclass(obj, _framework_bases()):
+        return
+    raise ConfigError(f"{path}: {name!r} (defined as {defined_in!r}) is not an allowed target ({_NOT_ALLOWED_HINT})")
+
+
 def get_obj_from_str(name: str, path: str = "target") -> Any:
-    """Import ``package.module.Attr`` and return ``Attr``."""
+    """Import ``package.module.Attr`` and return ``Attr``, if the allowlist admits it.
+
+    The name is checked against the allowlist before anything is imported, the object
+    after (see the module doc); a refused target raises ConfigError naming ``path``.
+    """
     if not isinstance(name, str) or "." not in name:
         raise ConfigError(f"{path}: expected a dotted import path like 'models.ddpm_conditioned.ConditionDDPM', got {name!r}")
+    if not _is_dotted_name(name):
+        raise ConfigError(f"{path}: {name!r} is not a dotted import path of Python identifiers")
+    rule = _check_target_name(name, path)
     module_name, attr = name.rsplit(".", 1)
     try:
         module = importlib.import_module(module_name)
@@ -33,7 +153,9 @@ def get_obj_from_str(name: str, path: str = "target") -> Any:
         raise ConfigError(f"{path}: cannot import module '{module_name}' of target '{name}' ({err})") from err
     if not hasattr(module, attr):
         raise ConfigError(f"{path}: module '{module_name}' has no attribute '{attr}' (target '{name}')")
-    return getattr(module, attr)
+    obj = getattr(module, attr)
+    _check_target_object(obj, name, rule, path)
+    return obj
 
 
 def _as_dict(cfg: Any) -> Any:
@@ -76,13 +198,48 @@ def _accepted_parameters(obj: Any) -> tuple[dict | None, bool]:
     return named, accepts_kwargs
 
 
-def validate_target_config(cfg: Any, path: str = "config") -> None:
-    """Check a ``target``/``params`` node (and nested ones) against the target's signature.
+def _target_nodes(value: Any, path: str) -> Iterator[tuple[str, Mapping]]:
+    """The ``target`` nodes inside ``value`` (mappings and lists walked; a node's own params
+    are left to the node), with their config paths."""
+    if _is_target_node(value):
+        yield path, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _target_nodes(item, f"{path}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _target_nodes(item, f"{path}[{i}]")
 
-    Raises ConfigError naming the config path for a missing ``target``, an unknown
-    import, an unknown parameter or a missing required parameter.
+
+def _check_all_target_names(cfg: Mapping, path: str) -> None:
+    """Refuse a disallowed target string anywhere in the tree before importing anything."""
+    target = cfg.get("target")
+    if _is_dotted_name(target) and "." in target:
+        _check_target_name(target, f"{path}.target")
+    params = cfg.get("params")
+    if isinstance(params, Mapping):
+        for key, value in params.items():
+            for sub_path, node in _target_nodes(value, f"{path}.params.{key}"):
+                _check_all_target_names(node, sub_path)
+
+
+def validate_target_config(cfg: Any, path: str = "config", allow_targets: Any = None) -> None:
+    """Check a ``target``/``params`` node (and nested ones) against the allowlist and the
+    target's signature.
+
+    Every target string in the tree is checked against the allowlist (default list plus
+    ``allow_targets`` plus those of an enclosing :func:`allowed_targets`) before any module
+    is imported. Raises ConfigError naming the config path for a refused target, a missing
+    ``target``, an unknown import, an unknown parameter or a missing required parameter.
     """
-    cfg = _as_dict(cfg)
+    with allowed_targets(allow_targets):
+        cfg = _as_dict(cfg)
+        if isinstance(cfg, Mapping):
+            _check_all_target_names(cfg, path)
+        _validate_node(cfg, path)
+
+
+def _validate_node(cfg: Any, path: str) -> None:
     if not isinstance(cfg, Mapping):
         raise ConfigError(f"{path}: expected a mapping with 'target' and 'params', got {type(cfg).__name__}")
     if "target" not in cfg:
@@ -106,17 +263,34 @@ def validate_target_config(cfg: Any, path: str = "config") -> None:
             if p.default is p.empty and name not in params:
                 raise ConfigError(f"{path}.params.{name}: missing required parameter '{name}' for {cfg['target']}")
     for key, value in params.items():
-        if _is_target_node(value):
-            validate_target_config(value, f"{path}.params.{key}")
+        for sub_path, node in _target_nodes(value, f"{path}.params.{key}"):
+            _validate_node(node, sub_path)
 
 
-def instantiate_from_configs(cfg: Any, path: str = "config", **extra: Any) -> Any:
-    """Build ``target(**params, **extra)`` from a config node, after validating it."""
-    validate_target_config(cfg, path)
-    cfg = _as_dict(cfg)
-    params = dict(cfg.get("params") or {})
-    params.update(extra)
-    return get_obj_from_str(cfg["target"], f"{path}.target")(**params)
+def validate_all_targets(value: Any, path: str = "config", allow_targets: Any = None) -> None:
+    """:func:`validate_target_config` on every ``target`` node anywhere inside ``value``
+    (e.g. a checkpoint's hyper-parameters), all target strings checked before any import."""
+    with allowed_targets(allow_targets):
+        value = _as_dict(value)
+        nodes = list(_target_nodes(value, path))
+        for sub_path, node in nodes:
+            _check_all_target_names(node, sub_path)
+        for sub_path, node in nodes:
+            _validate_node(node, sub_path)
+
+
+def instantiate_from_configs(cfg: Any, path: str = "config", allow_targets: Any = None, **extra: Any) -> Any:
+    """Build ``target(**params, **extra)`` from a config node, after validating it.
+
+    ``allow_targets`` (a run config's list of extra allowed prefixes) also holds for the
+    configs that the target's constructor instantiates itself.
+    """
+    with allowed_targets(allow_targets):
+        validate_target_config(cfg, path)
+        cfg = _as_dict(cfg)
+        params = dict(cfg.get("params") or {})
+        params.update(extra)
+        return get_obj_from_str(cfg["target"], f"{path}.target")(**params)
 
 
 def _load_with_base(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
@@ -149,4 +323,5 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
     unknown = set(cfg) - set(RUN_SECTIONS)
     if unknown:
         raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; expected some of {list(RUN_SECTIONS)}")
+    normalize_allow_targets(cfg.get("allow_targets"))
     return cfg
