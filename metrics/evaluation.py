@@ -1,23 +1,24 @@
 """Denoising evaluation: add seeded noise to clean test slices, run every method, score.
 
-Units: clean slices and noise levels are on the [0,1] scale (sigma = Gaussian std on
-[0,1]); scores are computed in [0,1] units (dynamic range 1); saved predictions are in
-physical units (HU for CT) via the slice's norm: x_phys = low + x01 * (high - low).
+Units: clean slices are on the [0,1] scale. The noise comes from the models of
+``diffusion_modules.diffusion_utils.noise`` (the ones training uses), one per level:
+gaussian and rician levels are sigma (std on [0,1]); lowdose_ct levels are i0 (photons
+per detector bin), simulated with each CT slice's HU window and pixel spacing. The
+methods get the noise model's (Gaussian-equivalent) std on [0,1] as their sigma.
+Scores are computed in [0,1] units (dynamic range 1); saved predictions are in physical
+units (HU for CT): x_phys = low + x01 * (high - low).
 
-``evaluate`` writes into out_dir:
-  scores.csv               one row per (sigma, slice, method)
-  results.md               mean +- std per modality, method and sigma
-  psnr_ssim_vs_sigma.png   PSNR / SSIM against sigma, per method and modality
+``evaluate`` writes into out_dir (see metrics.reporting):
+  scores.csv               one row per (level, slice, method)
+  results.md               mean +- std per modality, method and level
+  psnr_ssim_vs_sigma.png   PSNR / SSIM against the level, per method and modality
   examples.png             clean, noisy, each method (and the DDPM std map) per example
-  predictions/<method>/<sigma>/<source>_z<slice>.tif and <source>.nii.gz
+  predictions/<method>/<level>/<source>_z<slice>.tif and <source>.nii.gz
 ``orchestration.evaluation_job.run_evaluation`` goes from a run config to ``evaluate``.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import re
 import time
 import warnings
 import zlib
@@ -27,62 +28,40 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffusion_modules.diffusion_utils.noise import NOISE_TYPES, noise_at_level
 from metrics.denoisers import NoisyInput
 from metrics.image_metrics import ImageMetrics, body_mask
-from utils.atomic import atomic_write
-
-NOISE_TYPES = ("gaussian", "rician")
-CSV_COLUMNS = (
-    "sigma", "source", "modality", "slice_index", "method",
-    "psnr", "ssim", "mae", "psnr_masked", "ssim_masked", "mae_masked", "seconds",
+from metrics.reporting import (
+    atomic_text,
+    level_name,
+    level_unit,
+    plot_examples,
+    plot_vs_level,
+    results_markdown,
+    safe_name,
+    save_nifti,
+    save_tiff,
+    summarize,
+    write_csv,
 )
-SCORE_KEYS = ("psnr", "ssim", "mae", "psnr_masked", "ssim_masked", "mae_masked", "seconds")
+
 SLICE_KEYS = ("clean", "source", "modality", "slice_index", "spacing", "norm")
-
-
-# ----------------------------------------------------------------------------- files
-def _atomic_text(path: Path, text: str) -> Path:
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-
-    return atomic_write(path, write)
-
-
-def safe_name(name: str) -> str:
-    """A file-system safe version of a method or source name ('DDPM mean of 4' -> 'DDPM_mean_of_4')."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._")
-    return safe or "unnamed"
-
-
-def sigma_tag(sigma: float) -> str:
-    """Folder name of a noise level, e.g. 0.1 -> 'sigma_0.1'."""
-    return f"sigma_{float(sigma):g}"
 
 
 # ----------------------------------------------------------------------------- noise
 def noise_rng(noise_seed: int, sigma: float, slice_number: int) -> np.random.Generator:
     """Generator for the noise of slice ``slice_number`` (its position in the slice
-    list) at level sigma: the same for every method and every run."""
+    list) at level sigma (or i0): the same for every method and every run."""
     return np.random.default_rng([int(noise_seed), int(round(sigma * 1e6)), int(slice_number)])
 
 
-def add_noise(clean01: np.ndarray, sigma: float, rng: np.random.Generator, noise_type: str) -> np.ndarray:
-    """Noisy slice on the [0,1] scale, not clipped.
-
-    gaussian: clean + N(0, sigma^2). rician (MR magnitude): sqrt((clean + n1)^2 + n2^2)
-    with n1, n2 ~ N(0, sigma^2).
-    """
-    clean = np.asarray(clean01, dtype=np.float64)
-    n1 = rng.standard_normal(clean.shape) * sigma
-    if noise_type == "gaussian":
-        noisy = clean + n1
-    elif noise_type == "rician":
-        n2 = rng.standard_normal(clean.shape) * sigma
-        noisy = np.sqrt((clean + n1) ** 2 + n2**2)
-    else:
-        raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}")
-    return noisy.astype(np.float32)
+def slice_noise(noise, s: dict, clean01: np.ndarray, rng: np.random.Generator):
+    """(noisy01 float32, sigma_used) of one slice dict; a model with ``for_volume``
+    (low-dose CT) first takes the slice's HU window and pixel spacing."""
+    for_volume = getattr(noise, "for_volume", None)
+    if for_volume is not None:
+        noise = for_volume(s["norm"], s["spacing"])
+    return noise(clean01, rng)
 
 
 def _seed_torch(noise_seed: int, sigma: float, slice_number: int, method: str) -> None:
@@ -94,9 +73,10 @@ def _seed_torch(noise_seed: int, sigma: float, slice_number: int, method: str) -
 
 
 # ----------------------------------------------------------------------------- checks
-def _check_inputs(denoisers, slices, sigmas, noise_type):
+def _check_inputs(denoisers, slices, sigmas, noise_type, noise_params):
+    """Validated levels and the noise model of each level ({level: model})."""
     if noise_type not in NOISE_TYPES:
-        raise ValueError(f"noise_type must be one of {NOISE_TYPES}, got {noise_type!r}")
+        raise ValueError(f"noise_type must be one of {sorted(NOISE_TYPES)}, got {noise_type!r}")
     if not denoisers:
         raise ValueError("no denoisers to evaluate")
     names = [d.name for d in denoisers]
@@ -117,10 +97,19 @@ def _check_inputs(denoisers, slices, sigmas, noise_type):
         for key in ("low", "high"):
             if key not in s["norm"]:
                 raise ValueError(f"slice {i} ({s['source']}): norm lacks {key!r}")
+        if noise_type == "lowdose_ct" and str(s["modality"]).lower() != "ct":
+            raise ValueError(
+                f"slice {i} ({s['source']} z={s['slice_index']}) is {s['modality']!r}: "
+                "lowdose_ct noise needs CT slices"
+            )
     sigmas = [float(x) for x in sigmas]
     if not sigmas or any(not np.isfinite(x) or x < 0 for x in sigmas):
         raise ValueError(f"sigmas must be a non-empty list of non-negative numbers, got {sigmas}")
-    return sigmas
+    params = dict(noise_params or {})
+    fixed = {"type", level_name(noise_type)} & set(params)
+    if fixed:
+        raise ValueError(f"noise_params must not set {sorted(fixed)}: the levels give them")
+    return sigmas, {x: noise_at_level(noise_type, x, **params) for x in sigmas}
 
 
 def _example_numbers(slices, n_examples: int) -> set:
@@ -148,6 +137,7 @@ def evaluate(
     noise_type: str = "gaussian",
     save_predictions: bool = True,
     n_examples: int = 1,
+    noise_params: dict | None = None,
 ) -> dict:
     """Scores every denoiser on every slice at every noise level.
 
@@ -155,17 +145,20 @@ def evaluate(
     slices: list of dicts {"clean": (H,W) float32 [0,1], "source", "modality",
         "slice_index", "spacing" (mm: in-plane axis 0, axis 1, slice), "norm":
         {"low", "high", ...} physical units} as given by the data module's test_slices().
-    sigmas: noise std on the [0,1] scale.
-    noise_seed: the noise of slice number i at level sigma comes from
-        default_rng([noise_seed, round(sigma * 1e6), i]); every method sees the same noise.
-    noise_type: "gaussian" or "rician".
+    sigmas: the noise levels: sigma (std on the [0,1] scale) for "gaussian" and
+        "rician", i0 (photons per detector bin, > 0) for "lowdose_ct" (CT slices only).
+    noise_seed: the noise of slice number i at level x comes from
+        default_rng([noise_seed, round(x * 1e6), i]); every method sees the same noise.
+    noise_type: "gaussian", "rician" or "lowdose_ct" (noise.NOISE_TYPES).
     save_predictions: write TIFF / NIfTI predictions in physical units.
     n_examples: example slices per modality in examples.png (0: no figure).
+    noise_params: other parameters of the noise model, e.g. {"n_angles": 180} for
+        lowdose_ct (its pixel size and HU window come from each slice).
     Returns {"scores_csv", "results_md", "plot_png", "examples_png", "predictions_dir"}
-    (paths, None where not written) and "summary" (list of per modality/method/sigma
-    dicts with n and mean/std of each score).
+    (paths, None where not written) and "summary" (list of per modality/method/level
+    dicts with n and mean/std of each score and of noise_std).
     """
-    sigmas = _check_inputs(denoisers, slices, sigmas, noise_type)
+    sigmas, noise_models = _check_inputs(denoisers, slices, sigmas, noise_type, noise_params)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     pred_dir = out_dir / "predictions"
@@ -181,12 +174,13 @@ def evaluate(
     examples = []
     rows = []
     saved = {}
+    noise_info = {"noise_type": noise_type, "level_unit": level_unit(noise_type)}
     progress = tqdm(total=len(sigmas) * len(slices), desc="evaluate", leave=False)
 
     for sigma in sigmas:
         for i, s in enumerate(slices):
             clean = np.asarray(s["clean"], dtype=np.float32)
-            noisy = add_noise(clean, sigma, noise_rng(noise_seed, sigma, i), noise_type)
+            noisy, noise_std = slice_noise(noise_models[sigma], s, clean, noise_rng(noise_seed, sigma, i))
             example = None
             if i in example_numbers:
                 example = {"number": i, "slice": s, "sigma": sigma, "clean": clean, "noisy": noisy,
@@ -194,21 +188,21 @@ def evaluate(
                 examples.append(example)
             for d in denoisers:
                 _seed_torch(noise_seed, sigma, i, d.name)
-                pred, std, seconds = _timed(d, noisy, sigma)
+                pred, std, seconds = _timed(d, noisy, noise_std)
                 if pred.shape != clean.shape or not np.all(np.isfinite(pred)):
                     raise ValueError(
                         f"method {d.name!r} returned shape {pred.shape} / non-finite values "
                         f"for slice {i} ({s['source']}), expected finite {clean.shape}"
                     )
                 row = _score_row(metrics, clean, pred, masks[i], sigma, s, d.name, seconds)
-                rows.append(row)
+                rows.append({**row, **noise_info, "noise_std": float(noise_std)})
                 if example is not None and not isinstance(getattr(d, "inner", d), NoisyInput):
                     example["preds"][d.name] = pred
                     example["psnr"][d.name] = row["psnr"]
                     if std is not None:
                         example["stds"][d.name] = std
                 if save_predictions:
-                    path = _save_tiff(pred_dir, d.name, sigma, s, pred)
+                    path = save_tiff(pred_dir, d.name, sigma, s, pred, noise_type)
                     saved.setdefault((d.name, sigma, s["source"]), []).append((s["slice_index"], path, s))
             progress.update(1)
     progress.close()
@@ -216,17 +210,17 @@ def evaluate(
     summary = summarize(rows, [d.name for d in denoisers], sigmas)
     examples.sort(key=lambda ex: (ex["slice"]["modality"], ex["number"], ex["sigma"]))
     result = {
-        "scores_csv": _write_csv(out_dir / "scores.csv", rows),
-        "results_md": _atomic_text(out_dir / "results.md",
-                                   results_markdown(summary, slices, noise_type, noise_seed)),
-        "plot_png": _plot_vs_sigma(out_dir / "psnr_ssim_vs_sigma.png", summary),
-        "examples_png": _plot_examples(out_dir / "examples.png", examples) if examples else None,
+        "scores_csv": write_csv(out_dir / "scores.csv", rows),
+        "results_md": atomic_text(out_dir / "results.md",
+                                  results_markdown(summary, slices, noise_type, noise_seed)),
+        "plot_png": plot_vs_level(out_dir / "psnr_ssim_vs_sigma.png", summary, noise_type),
+        "examples_png": plot_examples(out_dir / "examples.png", examples, noise_type) if examples else None,
         "predictions_dir": None,
         "summary": summary,
     }
     if save_predictions:
         for (name, sigma, source), items in saved.items():
-            _save_nifti(pred_dir, name, sigma, source, items)
+            save_nifti(pred_dir, name, sigma, source, items, noise_type)
         result["predictions_dir"] = pred_dir
     return result
 
@@ -251,203 +245,3 @@ def _score_row(metrics, clean, pred, mask, sigma, s, name, seconds) -> dict:
         "psnr_masked": masked["psnr"], "ssim_masked": masked["ssim"], "mae_masked": masked["mae"],
         "seconds": seconds,
     }
-
-
-# ----------------------------------------------------------------------------- tables
-def summarize(rows, methods, sigmas) -> list:
-    """Per (modality, method, sigma): n and mean/std over slices of every score
-    (NaN entries, from empty masks, are left out)."""
-    summary = []
-    modalities = list(dict.fromkeys(r["modality"] for r in rows))
-    for modality in modalities:
-        for sigma in sigmas:
-            for method in methods:
-                sel = [r for r in rows
-                       if r["modality"] == modality and r["method"] == method and r["sigma"] == sigma]
-                if not sel:
-                    continue
-                entry = {"modality": modality, "method": method, "sigma": sigma, "n": len(sel)}
-                for key in SCORE_KEYS:
-                    vals = np.array([r[key] for r in sel], dtype=np.float64)
-                    entry[key] = _mean(vals)
-                    entry[key + "_std"] = _std(vals)
-                summary.append(entry)
-    return summary
-
-
-def _mean(vals):
-    vals = vals[~np.isnan(vals)]
-    return float(np.mean(vals)) if vals.size else float("nan")
-
-
-def _std(vals):
-    vals = vals[~np.isnan(vals)]
-    if not vals.size or np.isinf(vals).any():
-        return float("nan")
-    return float(np.std(vals))
-
-
-def _write_csv(path: Path, rows) -> Path:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (f"{r[k]:.6g}" if isinstance(r[k], float) else r[k]) for k in CSV_COLUMNS})
-    return _atomic_text(path, buf.getvalue())
-
-
-def _pm(mean, std, digits):
-    if np.isnan(mean):
-        return "n/a"
-    if np.isinf(mean):
-        return "inf"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def results_markdown(summary, slices, noise_type: str, noise_seed: int) -> str:
-    """Markdown tables, one per modality: rows sigma x method, mean ± std over slices."""
-    lines = [
-        "# Denoising evaluation",
-        "",
-        f"Noise: {noise_type}, sigma = std on the [0,1] intensity scale, seed {noise_seed} "
-        "(the same noise for every method). Scores on the [0,1] scale (data range 1): "
-        "whole slice and inside the body mask (threshold, largest component, holes "
-        "filled). MAE in [0,1] units (x (high - low) for physical units). Mean ± std over "
-        "slices; seconds = wall time per slice.",
-        "",
-    ]
-    for modality in dict.fromkeys(e["modality"] for e in summary):
-        sources = sorted({s["source"] for s in slices if s["modality"] == modality})
-        n = sum(1 for s in slices if s["modality"] == modality)
-        lines += [
-            f"## {modality.upper()} ({n} slice{'s' if n != 1 else ''} from {', '.join(sources)})",
-            "",
-            "| method | sigma | PSNR (dB) | SSIM | PSNR body (dB) | SSIM body | MAE | MAE body | s/slice |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for e in summary:
-            if e["modality"] != modality:
-                continue
-            lines.append(
-                f"| {e['method']} | {e['sigma']:g} | {_pm(e['psnr'], e['psnr_std'], 2)} | "
-                f"{_pm(e['ssim'], e['ssim_std'], 3)} | {_pm(e['psnr_masked'], e['psnr_masked_std'], 2)} | "
-                f"{_pm(e['ssim_masked'], e['ssim_masked_std'], 3)} | {_pm(e['mae'], e['mae_std'], 4)} | "
-                f"{_pm(e['mae_masked'], e['mae_masked_std'], 4)} | {e['seconds']:.3f} |"
-            )
-        lines.append("")
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- figures
-def _save_figure(path: Path, fig) -> Path:
-    import matplotlib.pyplot as plt
-
-    try:
-        return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    finally:
-        plt.close(fig)
-
-
-def _plot_vs_sigma(path: Path, summary) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("psnr_masked", "PSNR body (dB)"),
-              ("ssim_masked", "SSIM body"))
-    modalities = list(dict.fromkeys(e["modality"] for e in summary))
-    methods = list(dict.fromkeys(e["method"] for e in summary))
-    fig, axes = plt.subplots(len(modalities), len(panels), figsize=(4 * len(panels), 3.2 * len(modalities)),
-                             squeeze=False)
-    for r, modality in enumerate(modalities):
-        for c, (key, label) in enumerate(panels):
-            ax = axes[r, c]
-            for method in methods:
-                sel = [e for e in summary if e["modality"] == modality and e["method"] == method]
-                xs = [e["sigma"] for e in sel]
-                ys = [e[key] if np.isfinite(e[key]) else np.nan for e in sel]
-                ax.plot(xs, ys, marker="o", label=method)
-            ax.set_xlabel("sigma ([0,1] scale)")
-            ax.set_ylabel(label)
-            ax.set_title(f"{modality.upper()}: {label}")
-            ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    fig.tight_layout()
-    return _save_figure(path, fig)
-
-
-def _plot_examples(path: Path, examples) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(dict.fromkeys(m for ex in examples for m in ex["preds"]))
-    std_methods = list(dict.fromkeys(m for ex in examples for m in ex["stds"]))
-    columns = ["clean", "noisy"] + methods + [f"{m} std" for m in std_methods]
-    fig, axes = plt.subplots(len(examples), len(columns),
-                             figsize=(2.3 * len(columns), 2.5 * len(examples)), squeeze=False)
-    for r, ex in enumerate(examples):
-        lo, hi = np.percentile(ex["clean"], (0.5, 99.5))
-        hi = hi if hi > lo else lo + 1.0
-        s = ex["slice"]
-        images = [("clean", ex["clean"]), (f"noisy σ={ex['sigma']:g}", ex["noisy"])]
-        images += [(f"{m}\n{ex['psnr'][m]:.2f} dB", ex["preds"].get(m)) for m in methods]
-        for c, (title, img) in enumerate(images):
-            ax = axes[r, c]
-            if img is not None:
-                ax.imshow(img, cmap="gray", vmin=lo, vmax=hi)
-            ax.set_title(title, fontsize=8)
-        for k, m in enumerate(std_methods):
-            ax = axes[r, len(images) + k]
-            std = ex["stds"].get(m)
-            if std is not None:
-                im = ax.imshow(std, cmap="magma", vmin=0.0)
-                fig.colorbar(im, ax=ax, fraction=0.046)
-            ax.set_title(f"{m}\nstd ([0,1])", fontsize=8)
-        axes[r, 0].set_ylabel(f"{s['modality'].upper()} {s['source']}\nz={s['slice_index']}", fontsize=8)
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.tight_layout()
-    return _save_figure(path, fig)
-
-
-# ----------------------------------------------------------------------------- predictions
-def _to_physical(x01: np.ndarray, norm) -> np.ndarray:
-    low, high = float(norm["low"]), float(norm["high"])
-    return (low + x01.astype(np.float64) * (high - low)).astype(np.float32)
-
-
-def _save_tiff(pred_dir: Path, method: str, sigma: float, s, pred01) -> Path:
-    import tifffile
-
-    path = (pred_dir / safe_name(method) / sigma_tag(sigma)
-            / f"{safe_name(s['source'])}_z{int(s['slice_index']):04d}.tif")
-    data = _to_physical(pred01, s["norm"])
-    return atomic_write(path, lambda tmp: tifffile.imwrite(tmp, data))
-
-
-def _save_nifti(pred_dir: Path, method: str, sigma: float, source: str, items) -> Path:
-    """Stacks one source's slices (sorted by slice index) on the last axis, physical units.
-    The slice spacing is multiplied by the slice-index step when the slices are evenly
-    spaced; with uneven steps it stays the source's spacing."""
-    import nibabel as nib
-    import tifffile
-
-    items = sorted(items, key=lambda t: t[0])
-    volume = np.stack([tifffile.imread(p) for _, p, _ in items], axis=-1).astype(np.float32)
-    spacing = items[0][2].get("spacing")
-    spacing = [1.0, 1.0, 1.0] if spacing is None else [float(v) for v in spacing]
-    if len(spacing) != 3:
-        raise ValueError(f"source {source!r}: spacing must have 3 values, got {spacing}")
-    steps = np.unique(np.diff([t[0] for t in items]))
-    if steps.size == 1:
-        spacing[2] *= float(steps[0])
-    img = nib.Nifti1Image(volume, np.diag(spacing + [1.0]))
-    img.header.set_xyzt_units("mm")
-    norm = items[0][2]["norm"]
-    img.header["descrip"] = f"{method} sigma={sigma:g} {norm.get('modality', '')}"[:79].encode()
-    path = pred_dir / safe_name(method) / sigma_tag(sigma) / f"{safe_name(source)}.nii.gz"
-    return atomic_write(path, lambda tmp: nib.save(img, tmp))

@@ -11,15 +11,11 @@ import tifffile
 import torch
 from omegaconf import OmegaConf
 
+from diffusion_modules.diffusion_utils.noise import GaussianNoise, LowDoseCTNoise, RicianNoise
 from metrics.denoisers import Denoiser, ModelDenoiser, NLMDenoiser, NoisyInput
-from metrics.evaluation import (
-    CSV_COLUMNS,
-    add_noise,
-    evaluate,
-    noise_rng,
-    safe_name,
-)
-from orchestration.evaluation_job import limit_slices, run_evaluation
+from metrics.evaluation import evaluate, noise_rng
+from metrics.reporting import CSV_COLUMNS, safe_name
+from orchestration.evaluation_job import evaluation_levels, limit_slices, run_evaluation
 
 SIGMAS = [0.05, 0.1, 0.2]
 
@@ -133,14 +129,15 @@ def test_same_seeded_noise_for_every_method(run):
         assert np.array_equal(na, nb) and sa == sb
     # slice number 1 at sigma 0.1 (second sigma): reproducible from the documented rng
     s = run["slices"][1]
-    expected = add_noise(s["clean"], 0.1, noise_rng(7, 0.1, 1), "gaussian")
+    expected, sigma_used = GaussianNoise(0.1)(s["clean"], noise_rng(7, 0.1, 1))
     assert np.array_equal(rec_a.seen[len(run["slices"]) + 1][0], expected)
+    assert rec_a.seen[len(run["slices"]) + 1][1] == sigma_used == 0.1
     assert expected.min() < 0  # not clipped
 
 
 def test_predictions_in_physical_units(run):
     out, s = run["out"], run["slices"][0]
-    noisy = add_noise(s["clean"], 0.2, noise_rng(7, 0.2, 0), "gaussian")
+    noisy, _ = GaussianNoise(0.2)(s["clean"], noise_rng(7, 0.2, 0))
     tif = tifffile.imread(out / "predictions" / "noisy_input" / "sigma_0.2" / "ct_head_z0010.tif")
     assert tif.dtype == np.float32
     np.testing.assert_allclose(tif, -1024 + noisy.astype(np.float64) * 4095, rtol=1e-6, atol=1e-3)
@@ -167,11 +164,60 @@ def test_deterministic_across_runs(tmp_path):
     assert other["summary"][0]["psnr"] != first["summary"][0]["psnr"]
 
 
-def test_rician_noise_background_mean():
-    clean = np.zeros((200, 200), np.float32)
-    noisy = add_noise(clean, 0.1, np.random.default_rng(0), "rician")
-    assert noisy.min() >= 0
-    assert noisy.mean() == pytest.approx(0.1 * np.sqrt(np.pi / 2), rel=0.02)
+def test_rician_evaluation_noise_is_noise_py_rician(tmp_path):
+    rec = Recording("rec")
+    slices = tiny_slices()
+    evaluate([rec], slices, [0.05, 0.2], tmp_path, noise_seed=4, noise_type="rician",
+             save_predictions=False, n_examples=0)
+    seen = iter(rec.seen)
+    for sigma in (0.05, 0.2):
+        for i, s in enumerate(slices):
+            noisy, sigma_used = next(seen)
+            expected, expected_sigma = RicianNoise(sigma)(s["clean"], noise_rng(4, sigma, i))
+            assert np.array_equal(noisy, expected) and sigma_used == expected_sigma == sigma
+    rows = read_csv(tmp_path / "scores.csv")
+    assert {(r["noise_type"], r["level_unit"]) for r in rows} == {("rician", "sigma (0-1 scale)")}
+    assert [float(r["noise_std"]) for r in rows] == [float(r["sigma"]) for r in rows]
+
+
+def ct_slices(size=40):
+    return [make_slice("ct", "ct_head", z, size=size) for z in (3, 4)]
+
+
+def test_lowdose_ct_is_scored_end_to_end(tmp_path):
+    rec = Recording("rec")
+    slices = ct_slices()
+    levels = [1e6, 1e4]
+    result = evaluate([NoisyInput(), rec], slices, levels, tmp_path, noise_seed=2, noise_type="lowdose_ct",
+                      noise_params={"n_angles": 24}, n_examples=1)
+    rows = read_csv(tmp_path / "scores.csv")
+    assert len(rows) == len(levels) * len(slices) * 2
+    assert {r["sigma"] for r in rows} == {"1e+06", "10000"}  # the requested i0
+    assert {(r["noise_type"], r["level_unit"]) for r in rows} == {("lowdose_ct", "i0 (photons)")}
+    # the methods get the std of the simulated noise, seeded like every other noise type
+    seen = iter(rec.seen)
+    for i0 in levels:
+        for i, s in enumerate(slices):
+            noisy, sigma = next(seen)
+            noise = LowDoseCTNoise(i0, n_angles=24).for_volume(s["norm"], s["spacing"])
+            expected, expected_sigma = noise(s["clean"], noise_rng(2, i0, i))
+            assert np.array_equal(noisy, expected) and sigma == expected_sigma > 0
+            assert sigma == pytest.approx(float((noisy - s["clean"]).std()), rel=1e-5)
+    std = {e["sigma"]: e["noise_std"] for e in result["summary"] if e["method"] == "noisy input"}
+    assert std[1e4] > 3 * std[1e6]  # fewer photons, more noise
+    text = (tmp_path / "results.md").read_text()
+    assert "| method | i0 (photons) | noise std | PSNR (dB) |" in text
+    assert f"| noisy input | 10000 | {std[1e4]:.4f} |" in text
+    assert (tmp_path / "predictions" / "noisy_input" / "i0_10000" / "ct_head.nii.gz").exists()
+    assert result["examples_png"].exists() and result["plot_png"].exists()
+
+
+def test_gaussian_results_table_keeps_its_columns(run):
+    text = (run["out"] / "results.md").read_text()
+    assert "| method | sigma | PSNR (dB) | SSIM |" in text and "noise std" not in text
+    rows = read_csv(run["out"] / "scores.csv")
+    assert {(r["noise_type"], r["level_unit"]) for r in rows} == {("gaussian", "sigma (0-1 scale)")}
+    assert all(r["noise_std"] == r["sigma"] for r in rows)
 
 
 @pytest.mark.parametrize(
@@ -183,6 +229,11 @@ def test_rician_noise_background_mean():
         ({"slices": [{"clean": np.zeros((8, 8))}]}, "lacks key"),
         ({"sigmas": [-0.1]}, "non-negative"),
         ({"noise_type": "poisson"}, "noise_type"),
+        ({"noise_type": "lowdose_ct", "slices": tiny_slices()[2:], "sigmas": [1e5]},
+         r"slice 0 \(mr t1 z=5\) is 'mr': lowdose_ct noise needs CT slices"),
+        ({"noise_type": "lowdose_ct", "sigmas": [0.0]}, "i0=0"),
+        ({"noise_params": {"sigma": 0.3}}, "must not set"),
+        ({"noise_params": {"n_angles": 9}}, "bad parameters"),
     ],
 )
 def test_evaluate_rejects_bad_input(tmp_path, kwargs, match):
@@ -200,6 +251,15 @@ def test_limit_slices_evenly_per_source():
     assert len(limit_slices(slices, None)) == 11
     with pytest.raises(ValueError, match="max_slices_per_source"):
         limit_slices(slices, 0)
+
+
+def test_evaluation_levels_from_config():
+    assert evaluation_levels(OmegaConf.create({"sigmas": [0.1, 0.2]})) == [0.1, 0.2]
+    assert evaluation_levels(OmegaConf.create({"levels": [1e5, 2e4]})) == [1e5, 2e4]
+    with pytest.warns(UserWarning, match=r"sigmas \[0.1\] is ignored"):
+        assert evaluation_levels(OmegaConf.create({"levels": [1e5], "sigmas": [0.1]})) == [1e5]
+    with pytest.raises(ValueError, match="lacks 'levels'"):
+        evaluation_levels(OmegaConf.create({"noise_type": "gaussian"}))
 
 
 class FakeDataModule:
@@ -231,6 +291,7 @@ def fake_data_target(monkeypatch):
 def eval_config(target):
     return OmegaConf.create({
         "seed": 0,
+        "allow_targets": [target.split(".")[0]],  # the fake data module is outside the project
         "data": {"target": target, "params": {"n_slices": 5}},
         "evaluation": {
             "sigmas": [0.1], "noise_seed": 3, "max_slices_per_source": 2, "n_examples": 1,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from diffusion_modules.diffusion_utils.noise import GaussianNoise, LowDoseCTNoise, RicianNoise, build_noise
+from diffusion_modules.diffusion_utils.noise import GaussianNoise, LowDoseCTNoise, RicianNoise, build_noise, noise_at_level
 
 
 def test_gaussian_std_matches_sigma_and_variance_form():
@@ -46,6 +46,32 @@ def test_rician_background_and_bright_signal():
     bright, _ = RicianNoise(sigma)(np.full((256, 256), 0.8), np.random.default_rng(1))
     assert bright.mean() == pytest.approx(math.sqrt(0.8**2 + sigma**2), rel=0.01)
     assert bright.std() == pytest.approx(sigma, rel=0.05)
+
+
+def test_gaussian_and_rician_draws_are_pinned():
+    """float64 normals times sigma, added in float64, cast to float32: the draw the
+    evaluation has always scored with (its tables must not change), in this order."""
+    clean = np.random.default_rng(5).random((32, 24), dtype=np.float32)
+    x = clean.astype(np.float64)
+    ref = np.random.default_rng([0, 100000, 3])
+    expected = (x + ref.standard_normal(x.shape) * 0.1).astype(np.float32)
+    noisy, used = GaussianNoise(0.1)(clean, np.random.default_rng([0, 100000, 3]))
+    assert noisy.dtype == np.float32 and np.array_equal(noisy, expected) and used == 0.1
+    ref = np.random.default_rng([0, 100000, 3])
+    n1 = ref.standard_normal(x.shape) * 0.1
+    n2 = ref.standard_normal(x.shape) * 0.1
+    expected = np.sqrt((x + n1) ** 2 + n2**2).astype(np.float32)
+    noisy, used = RicianNoise(0.1)(clean, np.random.default_rng([0, 100000, 3]))
+    assert noisy.dtype == np.float32 and np.array_equal(noisy, expected) and used == 0.1
+
+
+def test_noise_at_level_names_the_level_parameter():
+    assert noise_at_level("gaussian", 0.1).sigma == 0.1
+    assert noise_at_level("rician", 0.2).sigma == 0.2
+    noise = noise_at_level("lowdose_ct", 2e4, n_angles=30)
+    assert (noise.i0, noise.n_angles) == (2e4, 30)
+    with pytest.raises(ValueError, match="unknown noise type 'poisson'"):
+        noise_at_level("poisson", 0.1)
 
 
 def water_phantom(size=64):

@@ -48,5 +48,7 @@ def normalize(
 
 
 def to_physical(x01: np.ndarray, norm: dict) -> np.ndarray:
-    """Map [0,1] values back to physical units (HU for CT): low + x01 * (high - low)."""
-    return norm["low"] + np.asarray(x01, dtype=np.float32) * (norm["high"] - norm["low"])
+    """Map [0,1] values back to physical units (HU for CT): low + x01 * (high - low),
+    computed in float64, returned as float32."""
+    low, high = float(norm["low"]), float(norm["high"])
+    return (low + np.asarray(x01, dtype=np.float64) * (high - low)).astype(np.float32)

@@ -2,7 +2,11 @@
 
 Every model is called as ``noise(clean01, rng) -> (noisy01 float32, sigma_used float)``:
 clean01 is a float array in [0,1], rng a ``np.random.Generator``; noisy01 is NOT clipped;
-sigma_used is the (Gaussian-equivalent) noise std on the [0,1] scale.
+sigma_used is the (Gaussian-equivalent) noise std on the [0,1] scale. Gaussian draws are
+float64 (``rng.standard_normal(shape) * sigma``, added to the slice in float64, then cast
+to float32), so training, validation and the evaluation (metrics.evaluation) draw the same
+noise from the same generator. Each class names its level parameter in ``level``
+("sigma" or "i0"); ``noise_at_level`` builds a model at one fixed level.
 
 - GaussianNoise(sigma | variance): additive N(0, sigma^2); sigma is a std on [0,1] images,
   variance = sigma^2 (the seed code's wording). Either may be a [lo, hi] range, sampled
@@ -55,6 +59,8 @@ def _draw(level, rng: np.random.Generator) -> float:
 class GaussianNoise:
     """Additive Gaussian noise; sigma = std on [0,1] images (or variance = sigma^2)."""
 
+    level = "sigma"
+
     def __init__(self, sigma=None, variance=None):
         if (sigma is None) == (variance is None):
             raise ValueError("GaussianNoise needs exactly one of sigma (std on [0,1]) or variance (sigma^2)")
@@ -66,8 +72,9 @@ class GaussianNoise:
 
     def __call__(self, clean01: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
         sigma = _draw(self.sigma, rng)
-        noisy = np.asarray(clean01, dtype=np.float32) + np.float32(sigma) * rng.standard_normal(np.shape(clean01), dtype=np.float32)
-        return noisy, sigma
+        clean = np.asarray(clean01, dtype=np.float64)
+        noisy = clean + rng.standard_normal(clean.shape) * sigma
+        return noisy.astype(np.float32), sigma
 
     def __repr__(self) -> str:
         return f"GaussianNoise(sigma={self.sigma})"
@@ -76,15 +83,17 @@ class GaussianNoise:
 class RicianNoise:
     """Rician MR magnitude noise sqrt((x + n1)^2 + n2^2); sigma = std of n1, n2 on [0,1] images."""
 
+    level = "sigma"
+
     def __init__(self, sigma):
         self.sigma = _level(sigma, "sigma")
 
     def __call__(self, clean01: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
-        sigma = np.float32(_draw(self.sigma, rng))
-        clean = np.asarray(clean01, dtype=np.float32)
-        real = clean + sigma * rng.standard_normal(clean.shape, dtype=np.float32)
-        imag = sigma * rng.standard_normal(clean.shape, dtype=np.float32)
-        return np.sqrt(real * real + imag * imag), float(sigma)
+        sigma = _draw(self.sigma, rng)
+        clean = np.asarray(clean01, dtype=np.float64)
+        real = clean + rng.standard_normal(clean.shape) * sigma
+        imag = rng.standard_normal(clean.shape) * sigma
+        return np.sqrt(real**2 + imag**2).astype(np.float32), sigma
 
     def __repr__(self) -> str:
         return f"RicianNoise(sigma={self.sigma})"
@@ -99,6 +108,7 @@ class LowDoseCTNoise:
     """
 
     per_slice = True
+    level = "i0"
 
     def __init__(self, i0, pixel_mm: float = 1.0, norm: dict | None = None, n_angles: int = 360):
         self.i0 = _level(i0, "i0")
@@ -165,3 +175,12 @@ def build_noise(cfg):
         return NOISE_TYPES[kind](**params)
     except TypeError as err:
         raise ValueError(f"bad parameters {sorted(params)} for noise type {kind!r}: {err}") from err
+
+
+def noise_at_level(noise_type: str, level: float, **params):
+    """The ``noise_type`` model at one fixed level: sigma (std on [0,1]) for gaussian and
+    rician, i0 (photons per detector bin) for lowdose_ct; params: its other parameters
+    (e.g. n_angles)."""
+    if noise_type not in NOISE_TYPES:
+        raise ValueError(f"unknown noise type {noise_type!r}: expected one of {sorted(NOISE_TYPES)}")
+    return build_noise({"type": noise_type, NOISE_TYPES[noise_type].level: level, **params})
