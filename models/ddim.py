@@ -42,27 +42,24 @@ def ddim_timesteps(steps: int, t_start: int, spacing: str = "uniform") -> list[i
 
 
 class DDIMSampler:
-    """DDIM sampler wrapping a :class:`models.ddpm_st_diffusion.DDPM` (or subclass)."""
+    """DDIM sampler for a :class:`models.ddpm_st_diffusion.DDPM` (or subclass): the network
+    comes from ``model.model_output``, the math from ``model.diffusion``."""
 
     def __init__(self, model):
         self.model = model
-
-    def alpha_bar(self, t: int) -> torch.Tensor:
-        """alpha_bar_t; 1 for t < 0 (the clean end of the chain)."""
-        if t < 0:
-            return torch.ones((), device=self.model.alphas_cumprod.device)
-        return self.model.alphas_cumprod[t]
+        self.diffusion = model.diffusion
 
     def step(self, model_output: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor, eta: float = 0.0,
              clip: bool | None = None, generator: torch.Generator | None = None):
-        """One DDIM update x_t -> x_{t_prev}; returns (x_prev, x0_pred) like diffusers' step()."""
-        model = self.model
+        """One DDIM update x_t -> x_{t_prev}; returns (x_prev, x0_pred) like diffusers' step().
+
+        ``clip`` (default: the model's ``clip_denoised``) clamps x0 to [-1, 1] and recomputes
+        eps from it; t_prev = -1 is the clean end of the chain (alpha_bar = 1).
+        """
         tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        x0, eps = model.split_prediction(x_t, tt, model_output)
-        if model.clip_denoised if clip is None else clip:
-            x0 = x0.clamp(-1, 1)
-            eps = (x_t - self.alpha_bar(t).sqrt() * x0) / (1 - self.alpha_bar(t)).sqrt()
-        a_t, a_prev = self.alpha_bar(t), self.alpha_bar(t_prev)
+        x0, eps = self.diffusion.predict_start(x_t, tt, model_output,
+                                               self.model.clip_denoised if clip is None else clip)
+        a_t, a_prev = self.diffusion.alpha_bar(t), self.diffusion.alpha_bar(t_prev)
         sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
         x_prev = a_prev.sqrt() * x0 + (1 - a_prev - sigma ** 2).clamp(min=0).sqrt() * eps
         if eta > 0:
@@ -72,16 +69,16 @@ class DDIMSampler:
     @torch.no_grad()
     def sample(self, x_T: torch.Tensor, cond: torch.Tensor | None = None, steps: int = 50, eta: float = 0.0,
                t_start: int | None = None, spacing: str = "uniform", guidance_scale: float = 1.0,
-               clip: bool | None = None, generator: torch.Generator | None = None,
-               return_intermediates: bool = False):
+               clip: bool | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """Run the chain from ``x_T`` at ``t_start`` (default T-1) and return x_0 in [-1, 1]."""
-        t_start = self.model.num_timesteps - 1 if t_start is None else int(t_start)
+        if not 0.0 <= float(eta) <= 1.0:
+            raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: ancestral-like), got {eta}")
+        t_start = self.diffusion.num_timesteps - 1 if t_start is None else int(t_start)
         ts = ddim_timesteps(steps, t_start, spacing)
-        x, x0_preds = x_T, []
+        x = x_T
         for i, t in enumerate(ts):
             t_prev = ts[i + 1] if i + 1 < len(ts) else -1
             tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
             out = self.model.model_output(x, tt, cond, guidance_scale)
-            x, x0 = self.step(out, t, t_prev, x, eta, clip, generator)
-            x0_preds.append(x0)
-        return (x, x0_preds) if return_intermediates else x
+            x, _ = self.step(out, t, t_prev, x, eta, clip, generator)
+        return x

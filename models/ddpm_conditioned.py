@@ -6,6 +6,7 @@ i.e. 2*sigma in model units.
 """
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
@@ -13,13 +14,21 @@ import torch
 from diffusion_modules.unet_arch.unet_rosinality import pad_to_multiple
 from models.ddpm_st_diffusion import DDPM
 
+#: The null condition of classifier-free guidance, in model units: a constant image at -4,
+#: outside [-1, 1] and beyond any noisy image of the trained noise levels, so no real
+#: condition looks like it (a zero image would be a valid mid-grey one).
+NULL_CONDITION = -4.0
+
 
 class ConditionDDPM(DDPM):
-    """DDPM conditioned by concatenation, with condition dropout and guidance.
+    """DDPM conditioned by concatenation (``conditioning_key: concat``, the only one), with
+    condition dropout and classifier-free guidance.
 
-    ``p_uncond``: probability that a training example sees a zero (null) condition, which
-    makes classifier-free guidance possible; ``guidance_scale`` 1 uses the conditional
-    prediction only, s > 1 extrapolates away from the unconditional one.
+    ``p_uncond``: probability that a training example sees the null condition
+    (``NULL_CONDITION``). Only a model trained with ``p_uncond > 0`` can be guided:
+    ``guidance_scale`` 1 uses the conditional prediction, 0 the unconditional one, s > 1
+    extrapolates away from the unconditional one; and only such a model draws unconditional
+    samples with ``sample(batch_size=...)``.
     """
 
     def __init__(self, *args, conditioning_key: str = "concat", p_uncond: float = 0.0,
@@ -40,19 +49,31 @@ class ConditionDDPM(DDPM):
             raise ValueError("ConditionDDPM needs a condition image (the noisy input)")
         return self.net(torch.cat([x_t, cond], dim=1), t)
 
+    def check_guidance(self, guidance_scale: float) -> None:
+        """Refuse guidance on a model that never saw the null condition."""
+        if not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
+        if guidance_scale != 1.0 and self.p_uncond == 0:
+            raise ValueError(f"guidance_scale={guidance_scale} needs a model trained with condition dropout "
+                             "(p_uncond > 0); this one never saw the null condition: use guidance_scale=1")
+
     def model_output(self, x_t, t, cond=None, guidance_scale: float = 1.0):
-        out = self.apply_model(x_t, t, cond)
+        """Network output, guided: u + s (c - u) from the conditional output c and the
+        unconditional u (both in one batched pass). eps, x0 and v are affine in each other
+        for fixed x_t, so guiding the raw output is the same as guiding eps."""
+        self.check_guidance(guidance_scale)
         if guidance_scale == 1.0:
-            return out
-        # eps, x0 and v are affine in each other for fixed x_t, so guiding the raw output
-        # is the same as guiding eps.
-        out_uncond = self.apply_model(x_t, t, torch.zeros_like(cond))
+            return self.apply_model(x_t, t, cond)
+        null = torch.full_like(cond, NULL_CONDITION)
+        if guidance_scale == 0.0:
+            return self.apply_model(x_t, t, null)
+        out, out_uncond = self.apply_model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null])).chunk(2)
         return out_uncond + guidance_scale * (out - out_uncond)
 
     def p_losses(self, x0, cond, t, noise=None):
         if self.training and self.p_uncond > 0:
-            keep = (torch.rand(cond.shape[0], device=cond.device) >= self.p_uncond).to(cond.dtype)
-            cond = cond * keep.reshape(-1, *([1] * (cond.ndim - 1)))
+            drop = (torch.rand(cond.shape[0], device=cond.device) < self.p_uncond).reshape(-1, *([1] * (cond.ndim - 1)))
+            cond = torch.where(drop, torch.full_like(cond, NULL_CONDITION), cond)
         return super().p_losses(x0, cond, t, noise)
 
     # ------------------------------------------------------------------ sampling
@@ -63,35 +84,54 @@ class ConditionDDPM(DDPM):
         if t_start == "auto":
             if sigma is None:
                 raise ValueError("t_start='auto' needs the noise level sigma (std on the [0, 1] scale)")
-            return self.noise_to_timestep(2.0 * float(sigma))
+            return self.diffusion.noise_to_timestep(2.0 * float(sigma))
         t_start = int(t_start)
         if not 0 <= t_start < self.num_timesteps:
             raise ValueError(f"t_start={t_start} must lie in [0, {self.num_timesteps - 1}]")
         return t_start
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, sampler: str = "ddim", steps: int | None = 50, eta: float = 0.0,
-               t_start=None, sigma: float | None = None, guidance_scale: float = 1.0,
-               generator: torch.Generator | None = None, use_ema: bool = True) -> torch.Tensor:
-        """One clean estimate per condition image (B, 1, H, W) in [-1, 1].
+    def sample(self, cond: torch.Tensor | None = None, sampler: str = "ddim", steps: int | None = None,
+               eta: float | None = None, spacing: str | None = None, t_start=None, sigma: float | None = None,
+               guidance_scale: float = 1.0, generator: torch.Generator | None = None, use_ema: bool = True,
+               batch_size: int | None = None) -> torch.Tensor:
+        """One clean estimate per condition image (B, channels, H, W) in [-1, 1].
 
         From pure noise at T-1 by default; with ``t_start`` the chain starts at that timestep
         from the condition scaled by sqrt(alpha_bar) (``"auto"`` matches it to ``sigma``).
-        H and W are padded (reflect) to what the UNet needs and cropped back.
+        H and W are padded (reflect) to what the UNet needs and cropped back. Without
+        ``cond``, ``batch_size`` unconditional samples (channels x image_size^2) from the
+        null condition; only for models trained with ``p_uncond > 0``. See ``run_sampler``
+        for sampler, steps, eta and spacing.
         """
+        if cond is None:
+            if batch_size is None or t_start is not None:
+                raise ValueError("sample() needs cond (noisy images), or batch_size alone for unconditional samples")
+            self.check_guidance(0.0)
+            shape = (batch_size, self.channels, self.image_size, self.image_size)
+            x_T = torch.randn(shape, generator=generator, device=self.device)
+            return self.run_sampler(x_T, torch.zeros(shape, device=self.device), sampler=sampler, steps=steps,
+                                    eta=eta, spacing=spacing, guidance_scale=0.0, generator=generator,
+                                    use_ema=use_ema)
+        if batch_size is not None:
+            raise ValueError("give either cond or batch_size to sample(), not both")
+        if cond.ndim != 4 or cond.shape[1] != self.channels:
+            raise ValueError(f"cond must be (B, {self.channels}, H, W), got shape {tuple(cond.shape)}")
         t0 = self.start_timestep(t_start, sigma)
         h, w = cond.shape[-2:]
         cond_p = pad_to_multiple(cond, self.unet.size_factor)
         if t0 is None:
             x_T = torch.randn(cond_p.shape, generator=generator, device=cond.device, dtype=cond.dtype)
         else:
-            x_T = self.sqrt_alphas_cumprod[t0] * cond_p
-        out = self._sample_from(x_T, cond_p, sampler, steps, eta, t0, guidance_scale, generator, use_ema)
+            x_T = self.diffusion.sqrt_alphas_cumprod[t0] * cond_p
+        out = self.run_sampler(x_T, cond_p, sampler=sampler, steps=steps, eta=eta, spacing=spacing, t_start=t0,
+                               guidance_scale=guidance_scale, generator=generator, use_ema=use_ema)
         return out[..., :h, :w]
 
     @torch.no_grad()
-    def denoise(self, noisy: torch.Tensor, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
-                n_samples: int = 1, guidance_scale: float = 1.0, t_start=None, sigma: float | None = None,
+    def denoise(self, noisy: torch.Tensor, sampler: str = "ddim", steps: int | None = None,
+                eta: float | None = None, spacing: str | None = None, n_samples: int = 1,
+                guidance_scale: float = 1.0, t_start=None, sigma: float | None = None,
                 return_std: bool = False, batch_size: int = 16, generator: torch.Generator | None = None):
         """Posterior mean of ``n_samples`` clean estimates of ``noisy`` (B, 1, H, W) in [-1, 1].
 
@@ -106,7 +146,7 @@ class ConditionDDPM(DDPM):
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
         noisy = noisy.to(self.device, torch.float32)
         repeated = noisy.repeat_interleave(n_samples, dim=0)
-        outs = [self.sample(chunk, sampler, steps, eta, t_start, sigma, guidance_scale, generator)
+        outs = [self.sample(chunk, sampler, steps, eta, spacing, t_start, sigma, guidance_scale, generator)
                 for chunk in repeated.split(batch_size)]
         samples = torch.cat(outs).reshape(noisy.shape[0], n_samples, *noisy.shape[1:])
         mean = samples.mean(dim=1)

@@ -10,8 +10,8 @@ from typing import Any, Mapping
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 
+from diffusion_modules.diffusion_utils.losses import per_example_loss
 from diffusion_modules.unet_arch.unet_rosinality import pad_to_multiple
 from utils.initialize_configs import instantiate_from_configs
 from utils.optim import adamw_warmup_cosine
@@ -34,10 +34,7 @@ class SupervisedUNet(pl.LightningModule):
         return noisy + self.unet(noisy, t)
 
     def _loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        pred = self(batch["x_cond"])
-        if self.hparams.loss_type == "l1":
-            return F.l1_loss(pred, batch["x_prior"])
-        return F.mse_loss(pred, batch["x_prior"])
+        return per_example_loss(self(batch["x_cond"]), batch["x_prior"], self.hparams.loss_type).mean()
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from models.ddim import ddim_timesteps
 from models.ddpm_conditioned import ConditionDDPM
 from models.ddpm_st_diffusion import DDPM
 from models.supervised_unet import SupervisedUNet
@@ -98,7 +99,7 @@ def test_condition_ddpm_round_trip(trained_ddpm, map_location):
     assert any(not torch.equal(p, q) for p, q in zip(loaded.unet.parameters(), loaded.unet_ema.parameters()))
     assert dict(loaded.hparams) == dict(model.hparams)
     assert (loaded.parameterization, loaded.num_timesteps, loaded.p_uncond) == ("v", 50, 0.0)
-    torch.testing.assert_close(loaded.alphas_cumprod, model.alphas_cumprod, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.diffusion.alphas_cumprod, model.diffusion.alphas_cumprod, rtol=0, atol=0)
     data_free(loaded, root / "data")
 
     noisy = (torch.rand(2, 1, 20, 24, generator=torch.Generator().manual_seed(1)) * 2 - 1)
@@ -115,7 +116,8 @@ def test_condition_ddpm_round_trip(trained_ddpm, map_location):
     ancestral = [m.sample(noisy[:1, :, :16, :16], sampler="ddpm", generator=torch.Generator().manual_seed(3))
                  for m in (model, loaded)]
     assert torch.equal(ancestral[0], ancestral[1])
-    assert ancestral[0].abs().max() <= 1.0
+    other_seed = model.sample(noisy[:1, :, :16, :16], sampler="ddpm", generator=torch.Generator().manual_seed(4))
+    assert not torch.equal(ancestral[0], other_seed)  # the generator drives the ancestral noise
 
 
 def test_checkpoint_file_holds_no_data_object(trained_ddpm):
@@ -182,8 +184,33 @@ def test_unconditional_ddpm_sample(sampler, steps):
             p.add_(0.05 * torch.randn_like(p))
     out = model.sample(batch_size=4, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
     assert out.shape == (4, 1, SIZE, SIZE)
-    assert out.min() >= -1.0 and out.max() <= 1.0
     assert out.std() > 0 and torch.isfinite(out).all()
     again = model.sample(batch_size=4, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
+    other = model.sample(batch_size=4, sampler=sampler, steps=steps, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(out, other)
     assert model.sample(batch_size=2).shape == (2, 1, SIZE, SIZE)  # the default (ancestral) path
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"sampler": "ddpm", "steps": 10}, "takes no steps"),
+    ({"sampler": "ddpm", "eta": 1.0}, "takes no eta"),
+    ({"sampler": "ddpm", "spacing": "quad"}, "takes no spacing"),
+    ({"sampler": "ddim", "steps": 0}, "steps must lie in"),
+    ({"sampler": "ddim", "eta": 1.5}, "eta must lie in"),
+    ({"sampler": "ddim", "eta": float("nan")}, "eta must lie in"),
+    ({"sampler": "ddim", "steps": 4, "spacing": "log"}, "spacing 'log' unknown"),
+    ({"sampler": "euler"}, "sampler 'euler' unknown"),
+])
+def test_sampling_arguments_that_would_be_ignored_or_are_out_of_range_raise(kw, match):
+    model = DDPM(unet_rosinality_config=unet_config(1), image_size=SIZE, timesteps=40).eval()
+    with pytest.raises(ValueError, match=match):
+        model.sample(batch_size=1, **kw)
+
+
+def test_ddim_spacing_reaches_the_sampler(monkeypatch):
+    model = DDPM(unet_rosinality_config=unet_config(1), image_size=SIZE, timesteps=40).eval()
+    seen = []
+    monkeypatch.setattr(model, "model_output", lambda x, t, c, g: seen.append(int(t[0])) or torch.zeros_like(x))
+    model.sample(batch_size=1, sampler="ddim", steps=4, spacing="quad")
+    assert seen == ddim_timesteps(4, 39, "quad") and seen != ddim_timesteps(4, 39, "uniform")

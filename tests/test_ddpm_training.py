@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from models.ddpm_conditioned import ConditionDDPM
+from models.ddpm_conditioned import NULL_CONDITION, ConditionDDPM
 
 T = 100
 SIZE = 16
@@ -104,22 +104,24 @@ def test_min_snr_weights_follow_the_formulas(parameterization):
     gamma = 5.0
     model = make_model(parameterization=parameterization, min_snr_gamma=gamma)
     t = torch.arange(T)
-    a = model.alphas_cumprod.double()
+    a = model.diffusion.alphas_cumprod.double()
     snr = a / (1 - a)
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
     expected = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[parameterization]
-    torch.testing.assert_close(model.min_snr_weight(t).double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.diffusion.min_snr_weight(t, gamma).double(), expected, rtol=1e-5, atol=1e-6)
     # both sides of the clip occur in this schedule (T=100: SNR from ~1e4 down to ~0.5)
     assert (snr > gamma).any() and (snr < gamma).any()
     if parameterization == "eps":
-        assert torch.allclose(model.min_snr_weight(t[snr < gamma]), torch.ones(int((snr < gamma).sum())))
+        assert torch.allclose(model.diffusion.min_snr_weight(t[snr < gamma], gamma), torch.ones(int((snr < gamma).sum())))
 
 
 @pytest.mark.parametrize("parameterization", ["eps", "x0", "v"])
 @pytest.mark.parametrize("loss_type", ["l1", "l2", "huber"])
 def test_p_losses_numbers(monkeypatch, loss_type, parameterization):
-    """p_losses = mean over the batch of (min-SNR weight x per-image mean of the elementwise loss)."""
-    model = make_model(parameterization=parameterization, loss_type=loss_type, min_snr_gamma=2.0).eval()
+    """p_losses = mean over the batch of (min-SNR weight x per-image mean of the elementwise loss);
+    min-SNR (derived for L2) only with l2."""
+    gamma = 2.0 if loss_type == "l2" else None
+    model = make_model(parameterization=parameterization, loss_type=loss_type, min_snr_gamma=gamma).eval()
     g = torch.Generator().manual_seed(3)
     x0, cond = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.rand(4, 1, 8, 8, generator=g)
     noise, out = torch.randn(4, 1, 8, 8, generator=g), 2 * torch.randn(4, 1, 8, 8, generator=g)
@@ -132,7 +134,7 @@ def test_p_losses_numbers(monkeypatch, loss_type, parameterization):
 
     monkeypatch.setattr(model, "apply_model", fake_apply)
     loss = model.p_losses(x0, cond, t, noise)
-    a = model.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    a = model.diffusion.alphas_cumprod[t].reshape(-1, 1, 1, 1)
     torch.testing.assert_close(seen["x_t"], a.sqrt() * x0 + (1 - a).sqrt() * noise)
     assert seen["cond"] is cond
     target = {"eps": noise, "x0": x0, "v": a.sqrt() * noise - (1 - a).sqrt() * x0}[parameterization]
@@ -141,9 +143,16 @@ def test_p_losses_numbers(monkeypatch, loss_type, parameterization):
             "huber": torch.where(diff.abs() < 1, 0.5 * diff ** 2, diff.abs() - 0.5)}[loss_type]
     snr = (a / (1 - a)).flatten()
     weight = {"eps": snr.clamp(max=2.0) / snr, "x0": snr.clamp(max=2.0),
-              "v": snr.clamp(max=2.0) / (snr + 1)}[parameterization]
+              "v": snr.clamp(max=2.0) / (snr + 1)}[parameterization] if gamma else torch.ones(4)
+    assert gamma is None or not torch.allclose(weight, torch.ones(4))
     expected = (elem.mean(dim=(1, 2, 3)) * weight).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["l1", "huber"])
+def test_min_snr_is_refused_for_losses_it_was_not_derived_for(loss_type):
+    with pytest.raises(ValueError, match="min_snr_gamma is derived for the l2 loss"):
+        make_model(loss_type=loss_type, min_snr_gamma=5.0)
 
 
 def test_update_ema_matches_a_hand_computation():
@@ -217,6 +226,19 @@ def test_trainer_updates_ema_after_every_optimizer_step(tmp_path):
     assert moved(model.unet.parameters(), model.unet_ema.parameters()) > 1e-6
 
 
+def test_ema_follows_optimizer_steps_under_gradient_accumulation(tmp_path):
+    """4 optimizer steps of 3 accumulated micro-batches each: 4 EMA updates, not 12."""
+    torch.manual_seed(0)
+    model = make_model()
+    batches = [{k: v[i] for k, v in denoising_batch(32, seed=7).items()} for i in range(32)]
+    trainer = pl.Trainer(max_steps=4, accumulate_grad_batches=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                         default_root_dir=str(tmp_path))
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=2))
+    assert trainer.global_step == 4 and trainer.fit_loop.epoch_loop.batch_progress.total.completed == 12
+    assert int(model.ema_updates) == 4
+
+
 def test_condition_dropout(monkeypatch):
     captured = []
 
@@ -229,7 +251,8 @@ def test_condition_dropout(monkeypatch):
     monkeypatch.setattr(always, "apply_model", fake_apply)
     always.train()
     always.shared_step(batch)
-    assert torch.count_nonzero(captured[-1]) == 0
+    assert torch.all(captured[-1] == NULL_CONDITION)  # a constant image outside [-1, 1]
+    assert NULL_CONDITION < -1 - 1.0
     always.eval()  # no dropout outside training
     always.shared_step(batch)
     assert torch.equal(captured[-1], batch["x_cond"])
@@ -239,7 +262,7 @@ def test_condition_dropout(monkeypatch):
     monkeypatch.setattr(half, "apply_model", fake_apply)
     half.shared_step(batch)
     cond = captured[-1]
-    dropped = (cond.flatten(1) == 0).all(dim=1)
+    dropped = (cond.flatten(1) == NULL_CONDITION).all(dim=1)
     assert 0.4 < dropped.float().mean() < 0.6
     assert torch.equal(cond[~dropped], batch["x_cond"][~dropped])  # the rest is untouched
 
@@ -254,15 +277,36 @@ def test_condition_dropout(monkeypatch):
 @pytest.mark.parametrize("scale", [0.0, 1.0, 2.5])
 def test_guidance_combines_conditional_and_unconditional_outputs(scale):
     torch.manual_seed(0)
-    model = make_model().eval()
+    model = make_model(p_uncond=0.1).eval()
     with torch.no_grad():
         for p in model.unet.parameters():
             p.add_(0.05 * torch.randn_like(p))
     x_t, cond = torch.randn(2, 1, SIZE, SIZE), torch.randn(2, 1, SIZE, SIZE)
     t = torch.tensor([10, 80])
+    calls = []
     with torch.no_grad():
         out_c = model.apply_model(x_t, t, cond)
-        out_u = model.apply_model(x_t, t, torch.zeros_like(cond))
+        out_u = model.apply_model(x_t, t, torch.full_like(cond, NULL_CONDITION))
+        model.unet.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
         guided = model.model_output(x_t, t, cond, guidance_scale=scale)
     assert not torch.allclose(out_c, out_u)
     torch.testing.assert_close(guided, out_u + scale * (out_c - out_u), rtol=1e-5, atol=1e-5)
+    assert calls == ([4] if scale not in (0.0, 1.0) else [2])  # one batched pass for both outputs
+
+
+@pytest.mark.parametrize("scale", [0.0, 2.0, float("nan")])
+def test_guidance_is_refused_without_condition_dropout(scale):
+    model = make_model(p_uncond=0.0).eval()
+    cond = torch.rand(1, 1, SIZE, SIZE)
+    with pytest.raises(ValueError, match="guidance_scale"):
+        model.sample(cond, steps=2, guidance_scale=scale)
+    with pytest.raises(ValueError, match="p_uncond > 0"):
+        model.sample(batch_size=2, steps=2)  # unconditional samples need the null condition too
+
+
+def test_unconditional_samples_from_the_null_condition():
+    model = make_model(p_uncond=0.2).eval()
+    out = model.sample(batch_size=3, steps=2, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (3, 1, SIZE, SIZE) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="not both"):
+        model.sample(torch.rand(1, 1, SIZE, SIZE), batch_size=3)

@@ -24,12 +24,12 @@ def tiny_ddpm(**kw):
 def test_schedule_and_forward_coefficients_match_diffusers(ours, theirs, T):
     ref = DDPMScheduler(num_train_timesteps=T, beta_start=1e-4, beta_end=2e-2, beta_schedule=theirs)
     model = tiny_ddpm(timesteps=T, beta_schedule=ours)
-    np.testing.assert_allclose(model.betas.numpy(), ref.betas.numpy(), rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(model.alphas_cumprod.numpy(), ref.alphas_cumprod.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(model.diffusion.betas.numpy(), ref.betas.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(model.diffusion.alphas_cumprod.numpy(), ref.alphas_cumprod.numpy(), rtol=1e-5, atol=1e-7)
     x0, noise = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
     t = torch.tensor([0, T // 3, T // 2, T - 1])
     torch.testing.assert_close(model.q_sample(x0, t, noise), ref.add_noise(x0, noise, t), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(model.get_v(x0, noise, t), ref.get_velocity(x0, noise, t), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.diffusion.velocity(x0, noise, t), ref.get_velocity(x0, noise, t), rtol=1e-5, atol=1e-5)
 
 
 def test_posterior_matches_diffusers_ddpm_step():
@@ -44,7 +44,7 @@ def test_posterior_matches_diffusers_ddpm_step():
     model = tiny_ddpm()
     x0, x_t = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
     for t in [10, 100, 500, 999]:
-        mean, var, _ = model.q_posterior(x0, x_t, torch.full((2,), t))
+        mean, var, _ = model.diffusion.q_posterior(x0, x_t, torch.full((2,), t))
         ref_var = ref._get_variance(t)
         noise = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(0))
         ref_mean = ref.step(x0, t, x_t, generator=torch.Generator().manual_seed(0)).prev_sample - ref_var.sqrt() * noise
@@ -54,19 +54,24 @@ def test_posterior_matches_diffusers_ddpm_step():
 
 @pytest.mark.parametrize("param,pred_type", [("eps", "epsilon"), ("v", "v_prediction"), ("x0", "sample")])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
-def test_one_ddim_step_matches_diffusers(param, pred_type, eta):
+@pytest.mark.parametrize("clip", [False, True])
+def test_one_ddim_step_matches_diffusers(param, pred_type, eta, clip):
+    """Also the default clipped path: x0 clamped to [-1, 1] and eps recomputed from it, which
+    is diffusers' clip_sample with use_clipped_model_output."""
     T, S = 1000, 20
-    model = tiny_ddpm(parameterization=param, clip_denoised=False)
+    model = tiny_ddpm(parameterization=param, clip_denoised=clip)
     ref = DDIMScheduler(num_train_timesteps=T, beta_schedule="scaled_linear", beta_start=1e-4, beta_end=2e-2,
-                        prediction_type=pred_type, clip_sample=False, set_alpha_to_one=True)
+                        prediction_type=pred_type, clip_sample=clip, clip_sample_range=1.0, set_alpha_to_one=True)
     ref.set_timesteps(S)
     sampler = DDIMSampler(model)
-    x_t, out = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    x_t, out = 1.5 * torch.randn(2, 1, 8, 8), 1.5 * torch.randn(2, 1, 8, 8)  # x0 predictions leave [-1, 1]
     for t in [950, 500, 50, 0]:
         t_prev = t - T // S
         g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
         ours_prev, ours_x0 = sampler.step(out, t, t_prev, x_t, eta=eta, generator=g1)
-        res = ref.step(out, t, x_t, eta=eta, generator=g2)
+        res = ref.step(out, t, x_t, eta=eta, use_clipped_model_output=clip, generator=g2)
+        if clip:
+            assert res.pred_original_sample.abs().max() == 1.0  # the clamp is active in this case
         torch.testing.assert_close(ours_prev, res.prev_sample, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ours_x0, res.pred_original_sample, rtol=1e-4, atol=1e-5)
 
@@ -77,8 +82,8 @@ def test_true_noise_recovers_x0_exactly(param):
     x0, noise = torch.rand(3, 1, 8, 8) * 2 - 1, torch.randn(3, 1, 8, 8)
     t = torch.tensor([3, 400, 999])
     x_t = model.q_sample(x0, t, noise)
-    target = {"eps": noise, "x0": x0, "v": model.get_v(x0, noise, t)}[param]
-    rec_x0, rec_eps = model.split_prediction(x_t, t, target)
+    target = {"eps": noise, "x0": x0, "v": model.diffusion.velocity(x0, noise, t)}[param]
+    rec_x0, rec_eps = model.diffusion.split_prediction(x_t, t, target)
     torch.testing.assert_close(rec_x0, x0, rtol=1e-4, atol=2e-4)
     torch.testing.assert_close(rec_eps, noise, rtol=1e-4, atol=2e-4)
 
@@ -115,7 +120,7 @@ class GaussianOracle(torch.nn.Module):
 def test_ddim_eta1_full_steps_matches_ddpm_ancestral_in_distribution():
     T, mu, s = 1000, 0.3, 0.2
     model = tiny_ddpm(timesteps=T, clip_denoised=False, use_ema=False)
-    model.unet = GaussianOracle(model.alphas_cumprod, mu, s)
+    model.unet = GaussianOracle(model.diffusion.alphas_cumprod, mu, s)
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(3000, 1, 1, 1, generator=g)
     ddpm = model.p_sample_loop(x_T, generator=g).flatten()
@@ -130,7 +135,7 @@ def test_ddim_eta1_full_steps_matches_ddpm_ancestral_in_distribution():
 def test_matched_start_timestep_follows_noise_level():
     model = ConditionDDPM(unet_rosinality_config={**UNET, "params": {**UNET["params"], "in_channel": 2}})
     t = model.start_timestep("auto", sigma=0.1)
-    ratio = model.sqrt_recipm1_alphas_cumprod
+    ratio = model.diffusion.sqrt_recipm1_alphas_cumprod
     assert abs(ratio[t].item() - 0.2) <= (ratio[t + 1] - ratio[t - 1]).item()
     assert model.start_timestep("auto", sigma=0.2) > t
     with pytest.raises(ValueError, match="needs the noise level"):

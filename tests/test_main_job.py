@@ -6,9 +6,11 @@ import importlib.util
 import math
 from pathlib import Path
 
+import h5py
 import nibabel as nib
 import numpy as np
 import pytest
+import tifffile
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +144,15 @@ def test_scores_csv_numbers(main_job):
     for r in ddpm:
         for key in ("psnr", "ssim", "mae", "seconds"):
             assert math.isfinite(float(r[key])), (key, r)
-        assert 0 < float(r["psnr"]) < 100 and -1 <= float(r["ssim"]) <= 1 and float(r["mae"]) >= 0
+        # the CSV score is the PSNR of the saved prediction against the cached clean slice
+        with h5py.File(main_job["tmp"] / "cache" / f"{r['source']}.h5", "r") as f:
+            clean = f["volume"][int(r["slice_index"])] / np.float32(65535.0)
+            low, high = float(f.attrs["norm_low"]), float(f.attrs["norm_high"])
+        tif = (main_job["run"] / "evaluation" / "predictions" / "DDPM_DDIM_2_from_t" / "sigma_0.1"
+               / f"{r['source']}_z{int(r['slice_index']):04d}.tif")
+        pred01 = (tifffile.imread(tif).astype(np.float64) - low) / (high - low)
+        mse = np.mean((pred01 - clean) ** 2)
+        assert float(r["psnr"]) == pytest.approx(-10 * np.log10(mse), abs=1e-3)
     md = (main_job["run"] / "evaluation" / "results.md").read_text()
     assert "DDPM DDIM 2 from t*" in md and "NLM" in md and "## CT" in md and "## MR" in md
 
