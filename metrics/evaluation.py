@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from diffusion_modules.diffusion_utils.noise import NOISE_TYPES, noise_at_level
+from diffusion_modules.diffusion_utils.noise import NOISE_TYPES, noise_at_level, noise_for_volume
 from metrics.denoisers import NoisyInput
 from metrics.image_metrics import ImageMetrics, body_mask
 from metrics.reporting import (
@@ -58,10 +58,7 @@ def noise_rng(noise_seed: int, sigma: float, slice_number: int) -> np.random.Gen
 def slice_noise(noise, s: dict, clean01: np.ndarray, rng: np.random.Generator):
     """(noisy01 float32, sigma_used) of one slice dict; a model with ``for_volume``
     (low-dose CT) first takes the slice's HU window and pixel spacing."""
-    for_volume = getattr(noise, "for_volume", None)
-    if for_volume is not None:
-        noise = for_volume(s["norm"], s["spacing"])
-    return noise(clean01, rng)
+    return noise_for_volume(noise, s["norm"], s["spacing"])(clean01, rng)
 
 
 def _seed_torch(noise_seed: int, sigma: float, slice_number: int, method: str) -> None:

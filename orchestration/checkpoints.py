@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from models.ddpm_conditioned import ConditionDDPM
+from models.supervised_unet import SupervisedUNet
 from utils.atomic import atomic_write
 from utils.initialize_configs import ConfigError, allowed_targets, validate_all_targets
 from utils.paths import resolve_path
@@ -96,16 +98,13 @@ def export_inference_checkpoint(src: str | Path, dst: str | Path, half: bool = T
     return atomic_write(dst, lambda tmp: torch.save(out, tmp))
 
 
-def pretrained_models(evaluation_cfg) -> dict:
+def pretrained_models(evaluation_cfg, allow_targets=None) -> dict:
     """The shipped models an ``evaluation`` config section names, by method model key:
     ``pretrained_ddpm`` -> "ddpm_pretrained" (ConditionDDPM), ``unet_ckpt`` -> "unet"
     (SupervisedUNet). Unset entries are left out."""
-    from models.ddpm_conditioned import ConditionDDPM
-    from models.supervised_unet import SupervisedUNet
-
     models = {}
     for key, cls, path in (("ddpm_pretrained", ConditionDDPM, evaluation_cfg.get("pretrained_ddpm")),
                            ("unet", SupervisedUNet, evaluation_cfg.get("unet_ckpt"))):
         if path:
-            models[key] = load_checkpoint(cls, path)
+            models[key] = load_checkpoint(cls, path, allow_targets=allow_targets)
     return models

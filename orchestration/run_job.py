@@ -30,7 +30,7 @@ def run_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
         raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
     ev = cfg.get("evaluation")
     evaluate = ev is not None and ev.get("enabled", True)
-    models = pretrained_models(ev) if evaluate else {}  # a missing checkpoint fails before training
+    models = pretrained_models(ev, cfg.get("allow_targets")) if evaluate else {}  # a missing checkpoint fails before training
     run_dir = make_run_dir(cfg)
     model, _, ckpt = train(cfg, run_dir, resume=resume)
     result = {"run_dir": run_dir, "checkpoint": ckpt}

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     device = torch.device(args.device)
-    model = instantiate_from_configs(cfg.model, "model").to(device)
+    model = instantiate_from_configs(cfg.model, "model", allow_targets=cfg.get("allow_targets")).to(device)
     n_params = sum(p.numel() for p in model.unet.parameters())
     opt = torch.optim.AdamW(model.unet.parameters(), lr=1e-4)
     size = cfg.model.params.get("image_size", 64)

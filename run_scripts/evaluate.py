@@ -44,15 +44,16 @@ def main(argv=None) -> dict:
     from orchestration.checkpoints import load_checkpoint, pretrained_models
     from utils.initialize_configs import load_config
 
-    cfg = load_config(args.config, args.overrides)
     try:
-        models = pretrained_models(cfg.get("evaluation", {}))
+        cfg = load_config(args.config, args.overrides)
+        allow = cfg.get("allow_targets")
+        models = pretrained_models(cfg.get("evaluation", {}), allow_targets=allow)
         for key, cls, path in (("ddpm", ConditionDDPM, args.ckpt), ("unet", SupervisedUNet, args.unet_ckpt),
                                ("ddpm_pretrained", ConditionDDPM, args.pretrained_ckpt)):
             if path:
-                models[key] = load_checkpoint(cls, path)
-    except FileNotFoundError as err:
-        raise SystemExit(str(err)) from err
+                models[key] = load_checkpoint(cls, path, allow_targets=allow)
+    except (FileNotFoundError, ValueError) as err:  # ConfigError and CheckpointError are ValueErrors
+        raise SystemExit(f"evaluate.py: {err}") from err
     out_dir = Path(args.out) if args.out else Path("outputs") / "evaluation" / Path(args.config).stem
     result = run_evaluation(cfg, models, out_dir=out_dir, device=args.device)
     print(f"scores:      {result['scores_csv']}")

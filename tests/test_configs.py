@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from synthetic import UNET, tiny_model_cfg
 from utils.initialize_configs import (ConfigError, get_obj_from_str, instantiate_from_configs, load_config,
                                       validate_target_config)
 
@@ -14,15 +15,6 @@ CONFIG_DIR = ROOT / "run_scripts" / "configs"
 EXP01 = CONFIG_DIR / "ddpm-cond" / "exp01_brain_1BA001_ct_config.yaml"
 BUNDLED = CONFIG_DIR / "ddpm-cond" / "bundled_ct_mr.yaml"
 ALL_CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
-UNET = "diffusion_modules.unet_arch.unet_rosinality.UNet"
-
-
-def tiny_model_cfg() -> dict:
-    return {"target": "models.ddpm_conditioned.ConditionDDPM",
-            "params": {"image_size": 16, "timesteps": 20,
-                       "unet_rosinality_config": {"target": UNET, "params": {
-                           "in_channel": 2, "channel": 8, "channel_multiplier": [1, 2], "n_res_blocks": 1,
-                           "attn_strides": [], "dropout": 0.0}}}}
 
 
 def test_exp01_config_builds_the_reference_condition_ddpm():

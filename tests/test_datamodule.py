@@ -163,6 +163,19 @@ def test_lowdose_ct_patches_cached_and_seeded(tmp_path, volumes):
     assert 1 <= len(a.train_set._slice_noise[(0, int(h5py.File(a.train_set.files[0])["slice_index"][0]))]) <= 4
 
 
+def test_lowdose_cache_is_a_datamodule_setting(tmp_path, volumes):
+    noise = {"type": "lowdose_ct", "i0": 1e4, "n_angles": 20}
+    dm = datamodule(volumes[:1], tmp_path / "c", noise=noise, lowdose_cache=1)
+    dm.setup()
+    assert dm.train_set.lowdose_cache == 1
+    first = dm.train_set[0]["x_cond"] - dm.train_set[0]["x_prior"]
+    for _ in range(3):  # one realisation per slice: the same noise at every read (no augmentation)
+        item = dm.train_set[0]
+        assert torch.equal(item["x_cond"] - item["x_prior"], first)
+    with pytest.raises(ValueError, match="lowdose_cache must be >= 1"):
+        datamodule(volumes[:1], tmp_path / "c", noise=noise, lowdose_cache=0)
+
+
 def test_prepare_data_idempotent_and_rebuilds_stale(tmp_path, volumes):
     dm = datamodule(volumes, tmp_path / "cache")
     dm.prepare_data()

@@ -23,20 +23,12 @@ from torch.utils.data import DataLoader
 
 from models.ddpm_conditioned import ConditionDDPM
 from orchestration.checkpoints import CheckpointError, export_inference_checkpoint, load_checkpoint
+from synthetic import UNET, tiny_model_cfg
 from utils.initialize_configs import (RUN_SECTIONS, ConfigError, _EXTRA_ALLOWED, allowed_targets, get_obj_from_str,
                                       instantiate_from_configs, load_config, validate_target_config)
 
 ROOT = Path(__file__).resolve().parents[1]
-UNET = "diffusion_modules.unet_arch.unet_rosinality.UNet"
 DATAMODULE = "diffusion_modules.diffusion_utils.datamodule.DenoisingDataModule"
-
-
-def tiny_model_cfg() -> dict:
-    return {"target": "models.ddpm_conditioned.ConditionDDPM",
-            "params": {"image_size": 16, "timesteps": 20,
-                       "unet_rosinality_config": {"target": UNET, "params": {
-                           "in_channel": 2, "channel": 8, "channel_multiplier": [1, 2], "n_res_blocks": 1,
-                           "attn_strides": [], "dropout": 0.0}}}}
 
 
 def payload(target: str, marker: Path) -> dict:
@@ -276,7 +268,7 @@ def test_evaluate_script_refuses_an_evil_checkpoint(tiny_ckpt, tmp_path):
     path, marker = evil_hparams_ckpt(tiny_ckpt, tmp_path)
     evaluate = load_script("evaluate")
     config = ROOT / "run_scripts" / "configs" / "ddpm-cond" / "bundled_ct_mr.yaml"
-    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: hyper_parameters\.unet_rosinality_config\.target: 'os\.system'"):
+    with pytest.raises(SystemExit, match=rf"{re.escape(str(path))}: hyper_parameters\.unet_rosinality_config\.target: 'os\.system'"):
         evaluate.main(["--config", str(config), "--ckpt", str(path), "--out", str(tmp_path / "out"),
                        "evaluation.pretrained_ddpm=null", "evaluation.unet_ckpt=null"])
     assert not marker.exists() and not (tmp_path / "out").exists()

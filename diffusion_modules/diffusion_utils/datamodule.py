@@ -93,6 +93,8 @@ class DenoisingDataModule(pl.LightningDataModule):
     batch_size, num_workers: DataLoader settings. augment: flips/rot90 of training patches.
     seed: seed of the fixed val/test noise.
     in_memory: hold the train/val patches in memory (per worker) instead of reading HDF5 per item.
+    lowdose_cache: low-dose CT noise realisations kept per training slice (each costs about
+        1 s to simulate; more means more varied noise, fewer means faster epochs).
     """
 
     def __init__(
@@ -110,6 +112,7 @@ class DenoisingDataModule(pl.LightningDataModule):
         augment: bool = False,
         seed: int = 0,
         in_memory: bool = False,
+        lowdose_cache: int = 4,
     ):
         super().__init__()
         if volumes is None or isinstance(volumes, (str, Path)) or len(volumes) == 0:
@@ -127,6 +130,9 @@ class DenoisingDataModule(pl.LightningDataModule):
         self.split = self._check_split(split)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.augment, self.seed, self.in_memory = bool(augment), int(seed), bool(in_memory)
+        if int(lowdose_cache) < 1:
+            raise ValueError(f"lowdose_cache must be >= 1 noise realisation per slice, got {lowdose_cache}")
+        self.lowdose_cache = int(lowdose_cache)
         self.train_set = self.val_set = self.test_set = None
 
     @staticmethod
@@ -210,8 +216,8 @@ class DenoisingDataModule(pl.LightningDataModule):
         self.prepare_data()
         parts = self.split_slices()
         self.train_set = HDF5PatchDataset(
-            list(parts["train"]), parts["train"], self.noise, noise_seed=None, augment=self.augment, in_memory=self.in_memory
-        )
+            list(parts["train"]), parts["train"], self.noise, noise_seed=None, augment=self.augment,
+            lowdose_cache=self.lowdose_cache, in_memory=self.in_memory)
         self.val_set = HDF5PatchDataset(list(parts["val"]), parts["val"], self.noise, noise_seed=self.seed, in_memory=self.in_memory)
         self.test_set = HDF5SliceDataset(list(parts["test"]), parts["test"], self.noise, noise_seed=self.seed)
         for name, dataset in (("train", self.train_set), ("val", self.val_set)):

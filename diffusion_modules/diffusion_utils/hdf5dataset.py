@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from diffusion_modules.diffusion_utils.noise import noise_for_volume
 from utils.create_training_images import UINT16_SCALE, source_stem
 
 REQUIRED = ("volume", "patches", "slice_index", "origin")
@@ -98,14 +99,10 @@ class _HDF5Base(Dataset):
         self.slices = slices
         self.noise = noise
         self.noise_seed = None if noise_seed is None else int(noise_seed)
-        self._noise = [self._noise_for(m) for m in self.meta]
+        self._noise = [noise_for_volume(self.noise, m["norm"], m["spacing"]) for m in self.meta]
         self._handles = {}
         self._pid = None
         self._fresh_rng = None
-
-    def _noise_for(self, meta: dict):
-        for_volume = getattr(self.noise, "for_volume", None)
-        return for_volume(meta["norm"], meta["spacing"]) if for_volume else self.noise
 
     def _allowed(self, k: int) -> np.ndarray:
         """Allowed slice indices of file k: all without a filter, none if the filter omits the file."""

@@ -156,6 +156,13 @@ class LowDoseCTNoise:
         return f"LowDoseCTNoise(i0={self.i0}, pixel_mm={self.pixel_mm}, n_angles={self.n_angles})"
 
 
+def noise_for_volume(noise, norm: dict, spacing):
+    """The noise model adapted to one volume: a model with ``for_volume`` (low-dose CT) takes
+    the volume's HU window ``norm`` and pixel spacing (mm); any other is returned as it is."""
+    for_volume = getattr(noise, "for_volume", None)
+    return for_volume(norm, spacing) if for_volume is not None else noise
+
+
 NOISE_TYPES = {"gaussian": GaussianNoise, "rician": RicianNoise, "lowdose_ct": LowDoseCTNoise}
 
 
