@@ -7,6 +7,7 @@ i.e. 2*sigma in model units.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Mapping
 
 import torch
@@ -84,7 +85,16 @@ class ConditionDDPM(DDPM):
         if t_start == "auto":
             if sigma is None:
                 raise ValueError("t_start='auto' needs the noise level sigma (std on the [0, 1] scale)")
-            return self.diffusion.noise_to_timestep(2.0 * float(sigma))
+            sigma = float(sigma)
+            if not math.isfinite(sigma) or sigma < 0:
+                raise ValueError(f"sigma must be a finite noise std >= 0 on the [0, 1] scale, got {sigma}")
+            t = self.diffusion.noise_to_timestep(2.0 * sigma)
+            top = self.num_timesteps - 1 if self.max_train_timestep is None else self.max_train_timestep
+            top_sigma = float(self.diffusion.sqrt_recipm1_alphas_cumprod[top]) / 2
+            if sigma > top_sigma:
+                warnings.warn(f"sigma={sigma:g} lies beyond the largest noise level this model was trained on "
+                              f"({top_sigma:.3g} on the [0, 1] scale, t={top}); expect a poor result")
+            return min(t, top)
         t_start = int(t_start)
         if not 0 <= t_start < self.num_timesteps:
             raise ValueError(f"t_start={t_start} must lie in [0, {self.num_timesteps - 1}]")
@@ -117,8 +127,18 @@ class ConditionDDPM(DDPM):
             raise ValueError("give either cond or batch_size to sample(), not both")
         if cond.ndim != 4 or cond.shape[1] != self.channels:
             raise ValueError(f"cond must be (B, {self.channels}, H, W), got shape {tuple(cond.shape)}")
-        t0 = self.start_timestep(t_start, sigma)
         h, w = cond.shape[-2:]
+        if min(h, w) < self.unet.size_factor:
+            raise ValueError(f"cond images must be at least {self.unet.size_factor} x {self.unet.size_factor} "
+                             f"pixels (the UNet's size factor), got {h} x {w}")
+        t0 = self.start_timestep(t_start, sigma)
+        if t0 is not None and t_start == "auto" and float(sigma) == 0:
+            warnings.warn("sigma=0: there is no noise to remove; the input is returned unchanged")
+            return cond.clone()
+        if t0 is not None and sampler == "ddim" and (50 if steps is None else steps) > t0 + 1:
+            if steps is not None:
+                warnings.warn(f"steps={steps} capped at {t0 + 1}: a chain starting at t={t0} has no more steps")
+            steps = t0 + 1
         cond_p = pad_to_multiple(cond, self.unet.size_factor)
         if t0 is None:
             x_T = torch.randn(cond_p.shape, generator=generator, device=cond.device, dtype=cond.dtype)
@@ -144,6 +164,9 @@ class ConditionDDPM(DDPM):
             raise ValueError("noisy input contains NaN or inf values")
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        if n_samples > 1 and t_start is not None and sampler == "ddim" and not eta:
+            raise ValueError(f"n_samples={n_samples} from the matched start with eta=0 would draw {n_samples} "
+                             "identical samples (the chain is deterministic); use eta > 0 (e.g. 1.0) or n_samples=1")
         noisy = noisy.to(self.device, torch.float32)
         repeated = noisy.repeat_interleave(n_samples, dim=0)
         outs = [self.sample(chunk, sampler, steps, eta, spacing, t_start, sigma, guidance_scale, generator)
