@@ -87,6 +87,33 @@ def test_attention_heads_split_the_channels():
     torch.testing.assert_close(attn(x), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_attention_hands_sdpa_contiguous_heads_tokens_dim(monkeypatch):
+    """q, k, v reach SDPA as (B, heads, tokens, dim) with a contiguous last dimension, the
+    layout the fused flash / memory-efficient kernels accept."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        seen.append([(tuple(z.shape), z.stride(-1), z.is_contiguous()) for z in (q, k, v)])
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    attn = randomize(SelfAttention(16, 4), seed=1, std=0.2).eval()
+    attn(torch.randn(2, 16, 4, 5))
+    assert seen == [[((2, 4, 20, 4), 1, True)] * 3]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused SDPA kernels need a CUDA device")
+def test_attention_runs_with_the_flash_kernel_only_on_gpu():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    attn = randomize(SelfAttention(64, 1), seed=1, std=0.2).cuda().eval().to(torch.bfloat16)
+    x = torch.randn(2, 64, 32, 32, device="cuda", dtype=torch.bfloat16)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        fused = attn(x)  # raises if neither fused kernel accepts the inputs
+    torch.testing.assert_close(fused.float(), attn.float()(x.float()), atol=3e-2, rtol=3e-2)
+
+
 def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
     cfg = {**TINY, "attn_strides": [2], "attn_heads": 2, "dropout": 0.0}
     plain = randomize(UNet(**cfg, use_checkpoint=False)).train()

@@ -86,8 +86,12 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.n_heads, c // self.n_heads, h * w).unbind(1)
-        y = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.n_heads, c // self.n_heads, h * w)
+        # (B, heads, tokens, dim) with the last dimension contiguous: the layout the fused
+        # flash / memory-efficient SDPA kernels accept (a strided one falls back to the math
+        # kernel, which builds the whole tokens x tokens score matrix)
+        q, k, v = qkv.permute(1, 0, 2, 4, 3).contiguous().unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v)
         return x + self.out(y.transpose(-1, -2).reshape(b, c, h, w))
 
 
