@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from diffusion_modules.diffusion_utils.datamodule import DenoisingDataModule, slab_split
 from diffusion_modules.diffusion_utils.hdf5dataset import HDF5PatchDataset, HDF5SliceDataset
 from diffusion_modules.diffusion_utils.noise import GaussianNoise
-from utils.create_training_images import save_as_hdf5
+from utils.create_training_images import FORMAT_VERSION, save_as_hdf5
 from synthetic import make_volume
 
 GAP = 2
@@ -241,3 +241,103 @@ def test_hdf5_without_expected_dataset(tmp_path):
     text.write_text("not hdf5")
     with pytest.raises(ValueError, match="not a readable HDF5"):
         HDF5SliceDataset([text])
+
+
+# ---- planes -------------------------------------------------------------------------
+def z_coded_ct(path, shape=(24, 20, 40), zooms=(1.0, 1.0, 2.0)):
+    """CT NIfTI, RAS axes, thickest voxels along z (acquisition plane axial); every voxel's
+    HU is 100 + 20 * (its z index), so any pixel tells which axial slice it came from."""
+    data = (100 + 20 * np.arange(shape[2], dtype=np.int16))[None, None, :] + np.zeros(shape, np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([*zooms, 1.0])), str(path))
+    return path
+
+
+def z_of(x):
+    """Axial slice indices (set) of model-unit pixels of z_coded_ct."""
+    hu = -1024 + (np.asarray(x, dtype=np.float64) + 1) / 2 * 4095
+    return set(np.round((hu - 100) / 20).astype(int).ravel().tolist())
+
+
+def test_planes_slab_split_keeps_other_planes_inside_train_slab(tmp_path):
+    vol = z_coded_ct(tmp_path / "head_ct.nii.gz")
+    dm = datamodule([vol], tmp_path / "cache", planes=["coronal", "axial", "sagittal"],
+                    noise={"type": "gaussian", "sigma": 0.0})
+    dm.setup()
+    cache = tmp_path / "cache"
+    assert sorted(p.name for p in cache.iterdir()) == ["head_ct_axial.h5", "head_ct_coronal.h5", "head_ct_sagittal.h5"]
+    parts = dm.split_slices()
+    # the acquisition plane (axial) is slab-split; the others only train
+    assert set(parts["val"]) == set(parts["test"]) == {cache / "head_ct_axial.h5"}
+    assert set(parts["train"]) == {cache / f"head_ct_{p}.h5" for p in ("axial", "coronal", "sagittal")}
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["x_prior"].shape == (8, 1, 16, 16)
+    train_z, planes_seen = set(), set()
+    for i in range(len(dm.train_set)):
+        train_z |= z_of(dm.train_set[i]["x_prior"])
+        planes_seen.add(dm.train_set.files[int(dm.train_set.rows[i][0])].stem)
+    assert planes_seen == {"head_ct_axial", "head_ct_coronal", "head_ct_sagittal"}
+    val_z = set().union(*(z_of(dm.val_set[i]["x_prior"]) for i in range(len(dm.val_set))))
+    test_z = set().union(*(z_of(s["clean"] * 2 - 1) for s in dm.test_slices()))
+    assert train_z and val_z and test_z
+    assert max(train_z) + GAP < min(val_z) and max(val_z) + GAP < min(test_z)  # no pixel in two splits
+    assert train_z <= set(parts["train"][cache / "head_ct_axial.h5"])
+    assert {s["source"] for s in dm.test_slices()} == {"head_ct_axial"}
+
+
+def test_planes_volume_split_keeps_a_volume_in_one_split(tmp_path):
+    vols = [make_volume(tmp_path / f"v{i}_ct.nii.gz", "ct", seed=i) for i in range(4)]
+    dm = datamodule(vols, tmp_path / "cache", planes=["axial", "sagittal"],
+                    split={"mode": "volume", "fractions": [0.5, 0.25, 0.25]})
+    dm.setup()
+    parts = dm.split_slices()
+    names = {s: sorted(p.name for p in parts[s]) for s in parts}
+    assert names == {"train": ["v0_ct_axial.h5", "v0_ct_sagittal.h5", "v1_ct_axial.h5", "v1_ct_sagittal.h5"],
+                     "val": ["v2_ct_axial.h5", "v2_ct_sagittal.h5"], "test": ["v3_ct_axial.h5", "v3_ct_sagittal.h5"]}
+    assert next(iter(dm.train_dataloader()))["x_prior"].shape == (8, 1, 16, 16)
+    shapes = {s["source"]: s["clean"].shape for s in dm.test_slices()}
+    assert shapes == {"v3_ct_axial": (36, 40), "v3_ct_sagittal": (20, 36)}
+    with h5py.File(tmp_path / "cache" / "v3_ct_sagittal.h5", "r") as f:
+        assert f.attrs["plane"] == "sagittal" and f.attrs["acquisition_plane"] == "axial"
+
+
+def test_cache_rebuilt_when_planes_or_format_change(tmp_path):
+    vol = z_coded_ct(tmp_path / "head_ct.nii.gz", zooms=(1.0, 2.0, 1.0))  # acquisition plane coronal
+    target = tmp_path / "cache" / "head_ct.h5"
+    datamodule([vol], tmp_path / "cache").prepare_data()
+    with h5py.File(target, "r") as f:
+        assert f.attrs["plane"] == "coronal" and f["volume"].shape == (20, 40, 24)
+    mtime = target.stat().st_mtime_ns
+    datamodule([vol], tmp_path / "cache", planes="coronal").prepare_data()  # the same file: kept
+    assert target.stat().st_mtime_ns == mtime
+    datamodule([vol], tmp_path / "cache", planes="sagittal").prepare_data()
+    with h5py.File(target, "r+") as f:
+        assert f.attrs["plane"] == "sagittal"
+        f.attrs["format_version"] = 1  # a cache from before planes
+    datamodule([vol], tmp_path / "cache", planes="sagittal").prepare_data()
+    with h5py.File(target, "r") as f:
+        assert f.attrs["format_version"] == FORMAT_VERSION
+    datamodule([vol], tmp_path / "cache").prepare_data()
+    with h5py.File(target, "r") as f:
+        assert f.attrs["plane"] == "coronal"
+
+
+@pytest.mark.parametrize("planes, message", [
+    ("oblique", "unknown plane 'oblique'"),
+    (["axial", "transverse"], "unknown plane 'transverse' in planes ['axial', 'transverse']"),
+])
+def test_bad_planes_in_datamodule(tmp_path, volumes, planes, message):
+    with pytest.raises(ValueError) as err:
+        datamodule(volumes, tmp_path / "cache", planes=planes)
+    assert message in str(err.value) and "allowed: axial, coronal, sagittal" in str(err.value)
+    clash = [volumes[0], tmp_path / "cache" / "head_ct_axial.h5"]  # a built file would overwrite it
+    with pytest.raises(ValueError, match="same HDF5 file"):
+        datamodule(clash, tmp_path / "cache", planes=["axial", "coronal"])
+
+
+def test_planes_slab_split_refuses_rescale_augmentation(tmp_path):
+    vol = z_coded_ct(tmp_path / "head_ct.nii.gz")
+    with pytest.raises(ValueError, match="across the train slab"):
+        datamodule([vol], tmp_path / "cache", planes=["axial", "coronal"], augment={"rescale": [0.5, 2.0]})
+    dm = datamodule([vol], tmp_path / "cache", planes=["axial", "coronal"], augment={"flips": True})
+    dm.setup()
+    assert len(dm.train_set) > 0

@@ -1,20 +1,26 @@
-"""Convert a CT/MR volume (NIfTI file or DICOM series folder) into an HDF5 patch file.
+"""Convert a CT/MR volume (NIfTI file or DICOM series folder) into HDF5 patch files, one per plane.
 
-Layout of ``<targetdir>/<datasetname>.h5`` (format_version 1):
-  volume       (Z, H, W) uint16  full axial slices, [0,1] * 65535, slice axis first
+Layout of ``<targetdir>/<datasetname>.h5`` (format_version 2; ``<datasetname>_<plane>.h5``
+per plane when several planes are asked):
+  volume       (Z, H, W) uint16  full slices of one plane, [0,1] * 65535, slice axis first
   patches      (N, S, S) uint16  in-plane patches, same scaling
   slice_index  (N,) int32        slice of each patch in ``volume``
   origin       (N, 2) int32      (row, col) of each patch's top-left pixel
-  attrs: source, modality, spacing (row, col, slice mm), norm_low, norm_high (physical
-  units: HU for CT), image_size, stride, slice_step, min_foreground, foreground_threshold,
-  format_version.
-Slices are shown in radiological display: anterior up, patient's right on the image left.
+  attrs: source, modality, plane, acquisition_plane, spacing (row, col, slice mm of this
+  plane), norm_low, norm_high (physical units: HU for CT), image_size, stride, slice_step,
+  min_foreground, foreground_threshold, format_version.
+Volumes are reoriented to the closest RAS axes (never resampled) and cut in radiological
+display: axial (anterior up, patient's right on the image left), coronal (superior up,
+patient's right on the image left), sagittal (superior up, anterior on the image left).
+planes="acquisition" (default) is the plane across the axis with the thickest voxels
+(ties: axial, then coronal).
 A pixel is foreground when its normalized value exceeds FOREGROUND_THRESHOLD (0.05, about
 -819 HU for CT and 5% of the MR percentile window); patches with a smaller foreground
 fraction than min_foreground are rejected.
 
 CLI: python -m utils.create_training_images INPUT --name NAME --out DIR
          [--image-size 64] [--stride 32] [--modality ct|mr] [--slice-step 1]
+         [--planes acquisition | --planes axial coronal sagittal]
 """
 
 import argparse
@@ -27,10 +33,16 @@ from tqdm import tqdm
 from utils.atomic import atomic_write
 from utils.intensity import check_modality, normalize
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: planes (attrs plane, acquisition_plane; spacing of the plane)
 FOREGROUND_THRESHOLD = 0.05
 UINT16_SCALE = 65535.0
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+PLANES = ("axial", "coronal", "sagittal")
+ACQUISITION = "acquisition"
+# RAS axes (0 x: right, 1 y: anterior, 2 z: superior) that become the (slice, row, col)
+# axes of each plane. Rows and columns run backwards along their RAS axis (radiological
+# display), slices forwards.
+PLANE_AXES = {"axial": (2, 1, 0), "coronal": (1, 2, 0), "sagittal": (0, 2, 1)}
 
 
 def is_nifti(path: Path) -> bool:
@@ -47,12 +59,72 @@ def source_stem(path: Path) -> str:
     return name
 
 
-def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Read a NIfTI volume as (Z, H, W) float32 physical values and (row, col, slice) mm spacing.
+def parse_planes(planes) -> str | tuple[str, ...]:
+    """"acquisition", or a tuple of distinct plane names from a plane name or a list of them;
+    ValueError naming the bad value and the allowed ones otherwise."""
+    allowed = f"allowed: {', '.join(PLANES)} (one or a list of them) or the string '{ACQUISITION}'"
+    if isinstance(planes, str):
+        if planes.lower() == ACQUISITION:
+            return ACQUISITION
+        items = [planes]
+    else:
+        try:
+            items = list(planes)
+        except TypeError:
+            raise ValueError(f"planes {planes!r} is not a plane name or a list of them; {allowed}") from None
+    if not items:
+        raise ValueError(f"planes is an empty list; {allowed}")
+    for item in items:
+        if not isinstance(item, str) or item.lower() not in PLANES:
+            raise ValueError(f"unknown plane {item!r} in planes {planes!r}; {allowed}")
+    names = tuple(item.lower() for item in items)
+    if len(set(names)) != len(names):
+        raise ValueError(f"planes {list(names)} repeats a plane; {allowed}")
+    return names
 
-    The image is reoriented to the closest RAS orientation (axes permuted/flipped, never
-    resampled); slices are taken along the superior axis and shown radiologically.
-    """
+
+def plane_file_names(datasetname: str, planes) -> list[str]:
+    """HDF5 file names of save_as_hdf5(planes=...): ``<name>.h5`` for one plane (or
+    "acquisition"), ``<name>_<plane>.h5`` per plane for several, in the order given."""
+    planes = parse_planes(planes)
+    if planes == ACQUISITION or len(planes) == 1:
+        return [f"{datasetname}.h5"]
+    return [f"{datasetname}_{plane}.h5" for plane in planes]
+
+
+def acquisition_plane(zooms) -> str:
+    """The plane across the RAS axis with the thickest voxels; (x, y, z) zooms in mm.
+    Ties (within 0.1%) go to axial, then coronal."""
+    thickest = max(float(z) for z in zooms)
+    return next(p for p in PLANES if float(zooms[PLANE_AXES[p][0]]) >= thickest * (1 - 1e-3))
+
+
+def cut_plane(ras: np.ndarray, zooms, plane: str) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """(S, H, W) slices (a view) of an (X, Y, Z) RAS array in one plane (radiological
+    display, see the module docstring) and their (row, col, slice) spacing in mm."""
+    s, r, c = PLANE_AXES[plane]
+    volume = ras.transpose(s, r, c)[:, ::-1, ::-1]
+    return volume, (float(zooms[r]), float(zooms[c]), float(zooms[s]))
+
+
+def to_ras(data: np.ndarray, axes_mm: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Permute/flip (never resample) an array whose axes step along the columns of axes_mm
+    (3x3, RAS mm per voxel) to the closest RAS axes: (X, Y, Z) array, (x, y, z) mm."""
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    affine = np.eye(4)
+    affine[:3, :3] = axes_mm
+    ornt = io_orientation(affine)
+    sizes = np.sqrt((np.asarray(axes_mm, dtype=float) ** 2).sum(axis=0))
+    zooms = [0.0, 0.0, 0.0]
+    for axis, (target, _) in enumerate(ornt):
+        zooms[int(target)] = float(sizes[axis])
+    return np.ascontiguousarray(apply_orientation(data, ornt), dtype=np.float32), tuple(zooms)
+
+
+def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Read a NIfTI volume as an (X, Y, Z) float32 array of physical values reoriented to the
+    closest RAS orientation (axes permuted/flipped, never resampled) and its (x, y, z) mm."""
     import nibabel as nib
 
     try:
@@ -67,15 +139,14 @@ def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
         raise ValueError(f"{path} is empty: shape {img.shape}")
     img = nib.as_closest_canonical(img)
     data = np.asarray(img.dataobj, dtype=np.float32)
-    zx, zy, zz = (float(z) for z in img.header.get_zooms()[:3])
-    volume = np.ascontiguousarray(data[::-1, ::-1, :].transpose(2, 1, 0))
-    return volume, (zy, zx, zz)
+    return data, tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
 def load_dicom_series(folder: Path) -> tuple[np.ndarray, tuple[float, float, float], str | None]:
-    """Read a DICOM series folder: (Z, H, W) float32 physical values, (row, col, slice) mm spacing
-    and the DICOM Modality tag (lower case, or None). Slices are sorted along the slice normal
-    and rescaled with RescaleSlope/RescaleIntercept (HU for CT)."""
+    """Read a DICOM series folder: (X, Y, Z) RAS float32 physical values, (x, y, z) mm and the
+    DICOM Modality tag (lower case, or None). Slices are sorted along the slice normal,
+    rescaled with RescaleSlope/RescaleIntercept (HU for CT) and reoriented from the
+    patient (LPS) axes of ImageOrientationPatient to the closest RAS axes."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
@@ -109,15 +180,19 @@ def load_dicom_series(folder: Path) -> tuple[np.ndarray, tuple[float, float, flo
         slice_mm = float(np.median(np.diff(positions)))
     else:
         slice_mm = float(getattr(slices[0], "SliceThickness", 1.0))
+    slice_mm = slice_mm if slice_mm > 0 else 1.0
+    # array axes (slice, row, col) step along normal, column cosine (down a column), row cosine
+    lps = np.stack([normal * slice_mm, orientation[3:] * row_mm, orientation[:3] * col_mm], axis=1)
+    ras, zooms = to_ras(volume, np.diag([-1.0, -1.0, 1.0]) @ lps)
     modality = str(getattr(slices[0], "Modality", "")).lower() or None
-    return volume, (row_mm, col_mm, slice_mm), modality
+    return ras, zooms, modality
 
 
 def load_volume(inputpath) -> tuple[np.ndarray, tuple[float, float, float], str | None]:
     """Load a NIfTI file or DICOM series folder; validate shape and values.
 
-    Returns (Z, H, W) float32 physical values, (row, col, slice) spacing in mm and the
-    modality found in the file (DICOM only, else None).
+    Returns the (X, Y, Z) RAS float32 physical values, their (x, y, z) spacing in mm and
+    the modality found in the file (DICOM only, else None).
     """
     path = Path(inputpath)
     if not path.exists():
@@ -182,12 +257,18 @@ def save_as_hdf5(
     slice_step: int = 1,
     min_foreground: float = 0.1,
     progress: bool = True,
-) -> Path:
-    """Convert a volume into ``targetdir/<datasetname>.h5`` (layout in the module docstring).
+    planes="acquisition",
+) -> Path | list[Path]:
+    """Convert a volume into HDF5 patch files (layout in the module docstring).
 
     image_size: patch side in pixels; stride: in-plane patch step in pixels; slice_step:
     patch every slice_step-th slice; min_foreground: minimum foreground fraction in [0,1].
-    The file is written to a temporary file in targetdir and renamed when complete.
+    planes: "acquisition" (the plane across the thickest voxel axis) or a plane name
+    (axial, coronal, sagittal): writes ``targetdir/<datasetname>.h5`` and returns its Path;
+    a list of plane names returns the list of Paths (plane_file_names: ``<datasetname>_<plane>.h5``
+    per plane when it holds several). Every plane is checked before any file is written;
+    each file is written to a temporary file and renamed when complete, and a failure
+    removes the files of this call's other planes.
     """
     targetdir = Path(targetdir)
     if targetdir.exists() and not targetdir.is_dir():
@@ -196,69 +277,88 @@ def save_as_hdf5(
         raise ValueError(f"image_size ({image_size}), stride ({stride}) and slice_step ({slice_step}) must be >= 1")
     if not 0.0 <= min_foreground <= 1.0:
         raise ValueError(f"min_foreground must lie in [0,1], got {min_foreground}")
-    volume, spacing, found = load_volume(inputpath)
+    wanted = parse_planes(planes)
+    names = plane_file_names(datasetname, wanted)
+    ras, zooms, found = load_volume(inputpath)
     modality = resolve_modality(modality, datasetname, found)
-    if image_size > min(volume.shape[1:]):
-        raise ValueError(f"patch size {image_size} is larger than the {volume.shape[1]}x{volume.shape[2]} slices of {inputpath}")
-    x01, norm = normalize(volume, modality)
-    del volume
-    slice_ids = range(0, x01.shape[0], slice_step)
-    origins = {z: foreground_origins(x01[z], image_size, stride, min_foreground) for z in slice_ids}
-    count = sum(len(o) for o in origins.values())
-    if count == 0:
-        raise ValueError(f"{inputpath}: no patch has a foreground fraction >= {min_foreground}")
+    acquisition = acquisition_plane(zooms)
+    resolved = [acquisition] if wanted == ACQUISITION else list(wanted)
+    jobs = []
+    for plane, name in zip(resolved, names):
+        shape = tuple(ras.shape[a] for a in PLANE_AXES[plane])
+        if image_size > min(shape[1:]):
+            raise ValueError(
+                f"patch size {image_size} is larger than the {shape[1]}x{shape[2]} slices of {inputpath} "
+                f"in the {plane} plane (voxels {zooms[0]:g} x {zooms[1]:g} x {zooms[2]:g} mm RAS, "
+                f"acquisition plane {acquisition})"
+            )
+        jobs.append((plane, targetdir / name))
+    ras01, norm = normalize(ras, modality)
+    del ras
+    settings = dict(image_size=image_size, stride=stride, slice_step=slice_step, min_foreground=float(min_foreground))
+    cuts = []
+    for plane, target in jobs:
+        x01, spacing = cut_plane(ras01, zooms, plane)
+        slice_ids = range(0, x01.shape[0], slice_step)
+        origins = {z: foreground_origins(x01[z], image_size, stride, min_foreground) for z in slice_ids}
+        if not any(origins.values()):
+            raise ValueError(f"{inputpath} ({plane} plane): no patch has a foreground fraction >= {min_foreground}")
+        attrs = dict(source=Path(inputpath).name, modality=modality, plane=plane, acquisition_plane=acquisition,
+                     spacing=np.asarray(spacing, dtype=np.float64), norm_low=norm["low"], norm_high=norm["high"],
+                     foreground_threshold=FOREGROUND_THRESHOLD, format_version=FORMAT_VERSION, **settings)
+        cuts.append((target, x01, origins, attrs))
 
     targetdir.mkdir(parents=True, exist_ok=True)
-    target = targetdir / f"{datasetname}.h5"
+    written = []
+    try:
+        for target, x01, origins, attrs in cuts:
+            desc = f"patching {target.stem}"
+            atomic_write(target, lambda tmp: write_plane(tmp, x01, origins, image_size, attrs, desc, progress))
+            written.append(target)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return written[0] if isinstance(planes, str) else written
 
-    def write(tmp: str) -> None:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("volume", data=np.round(x01 * UINT16_SCALE).astype(np.uint16))
-            patches = f.create_dataset("patches", shape=(count, image_size, image_size), dtype=np.uint16)
-            index = np.empty(count, dtype=np.int32)
-            origin = np.empty((count, 2), dtype=np.int32)
-            n = 0
-            for z in tqdm(slice_ids, desc=f"patching {datasetname}", unit="slice", disable=not progress):
-                rows = origins[z]
-                if not rows:
-                    continue
-                block = np.stack([x01[z, r : r + image_size, c : c + image_size] for r, c in rows])
-                patches[n : n + len(rows)] = np.round(block * UINT16_SCALE).astype(np.uint16)
-                index[n : n + len(rows)] = z
-                origin[n : n + len(rows)] = rows
-                n += len(rows)
-            f.create_dataset("slice_index", data=index)
-            f.create_dataset("origin", data=origin)
-            f.attrs.update(
-                source=Path(inputpath).name,
-                modality=modality,
-                spacing=np.asarray(spacing, dtype=np.float64),
-                norm_low=norm["low"],
-                norm_high=norm["high"],
-                image_size=image_size,
-                stride=stride,
-                slice_step=slice_step,
-                min_foreground=float(min_foreground),
-                foreground_threshold=FOREGROUND_THRESHOLD,
-                format_version=FORMAT_VERSION,
-            )
 
-    atomic_write(target, write)
-    return target
+def write_plane(tmp: str, x01: np.ndarray, origins: dict, size: int, attrs: dict, desc: str, progress: bool) -> None:
+    """Write one plane's HDF5 file: x01 (S, H, W) [0,1] slices, origins {slice: [(row, col)]}."""
+    count = sum(len(o) for o in origins.values())
+    with h5py.File(tmp, "w") as f:
+        volume = np.round(x01 * UINT16_SCALE).astype(np.uint16)
+        f.create_dataset("volume", data=volume)
+        patches = f.create_dataset("patches", shape=(count, size, size), dtype=np.uint16)
+        index = np.empty(count, dtype=np.int32)
+        origin = np.empty((count, 2), dtype=np.int32)
+        n = 0
+        for z in tqdm(origins, desc=desc, unit="slice", disable=not progress):
+            rows = origins[z]
+            if not rows:
+                continue
+            patches[n : n + len(rows)] = np.stack([volume[z, r : r + size, c : c + size] for r, c in rows])
+            index[n : n + len(rows)] = z
+            origin[n : n + len(rows)] = rows
+            n += len(rows)
+        f.create_dataset("slice_index", data=index)
+        f.create_dataset("origin", data=origin)
+        f.attrs.update(attrs)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Convert a NIfTI volume or DICOM series folder into an HDF5 patch file.")
+    parser = argparse.ArgumentParser(description="Convert a NIfTI volume or DICOM series folder into HDF5 patch files.")
     parser.add_argument("input", help=".nii/.nii.gz file or DICOM series folder")
-    parser.add_argument("--name", required=True, help="dataset name: the file is OUT/NAME.h5")
+    parser.add_argument("--name", required=True, help="dataset name: the file is OUT/NAME.h5 (OUT/NAME_PLANE.h5 for several planes)")
     parser.add_argument("--out", required=True, help="target folder")
     parser.add_argument("--image-size", type=int, default=64, help="patch side in pixels")
     parser.add_argument("--stride", type=int, default=32, help="in-plane patch step in pixels")
     parser.add_argument("--modality", choices=("ct", "mr"), default=None, help="default: from --name or DICOM")
     parser.add_argument("--slice-step", type=int, default=1, help="patch every n-th slice")
     parser.add_argument("--min-foreground", type=float, default=0.1, help="minimum foreground fraction of a patch")
+    parser.add_argument("--planes", nargs="+", default=[ACQUISITION],
+                        help=f"'{ACQUISITION}' (default: across the thickest voxels) or one or more of {', '.join(PLANES)}")
     args = parser.parse_args(argv)
-    path = save_as_hdf5(
+    paths = save_as_hdf5(
         args.input,
         args.name,
         args.out,
@@ -267,9 +367,11 @@ def main(argv=None) -> None:
         modality=args.modality,
         slice_step=args.slice_step,
         min_foreground=args.min_foreground,
+        planes=args.planes[0] if len(args.planes) == 1 else args.planes,
     )
-    with h5py.File(path, "r") as f:
-        print(f"wrote {path}: volume {f['volume'].shape}, {f['patches'].shape[0]} patches")
+    for path in paths if isinstance(paths, list) else [paths]:
+        with h5py.File(path, "r") as f:
+            print(f"wrote {path}: {f.attrs['plane']} volume {f['volume'].shape}, {f['patches'].shape[0]} patches")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,13 @@ Splits (``split`` param):
           training slice). Works with one volume.
   volume: whole volumes per split, in sorted-name order (train first, test last); needs
           at least 3 volumes.
-Train: patches with fresh noise (optional flips/rot90). Val: patches with noise fixed by
+Planes (``planes`` param, see utils.create_training_images): "acquisition" or one plane
+gives one HDF5 file per volume; several planes give one file per (volume, plane). Volume
+split: all of a volume's planes go to the same split. Slab split: the slabs are cut along
+the slice axis of the acquisition plane (else the first listed plane); only that plane
+gives val/test data, and the other planes give training patches whose pixels lie inside
+the train slab (a coronal slice crosses every axial slab).
+Train: patches with fresh noise (optional augmentation). Val: patches with noise fixed by
 ``seed``. Test: full slices with noise fixed by ``seed`` (batch size 1, slices differ in size).
 """
 
@@ -15,11 +21,14 @@ from pathlib import Path
 
 import h5py
 import lightning.pytorch as pl
+import numpy as np
 from torch.utils.data import DataLoader
 
+from diffusion_modules.diffusion_utils.augment import Augmentation
 from diffusion_modules.diffusion_utils.hdf5dataset import HDF5PatchDataset, HDF5SliceDataset, read_meta
 from diffusion_modules.diffusion_utils.noise import build_noise
-from utils.create_training_images import FORMAT_VERSION, save_as_hdf5, source_stem
+from utils.create_training_images import (
+    ACQUISITION, FORMAT_VERSION, PLANE_AXES, parse_planes, plane_file_names, save_as_hdf5, source_stem)
 from utils.intensity import check_modality
 from utils.paths import resolve_path
 
@@ -81,6 +90,34 @@ def volume_split(n_volumes: int, fractions) -> tuple[range, range, range]:
     return range(0, n_train), range(n_train, n_train + n_val), range(n_train + n_val, n_volumes)
 
 
+def split_plane_files(files: list[Path]) -> tuple[Path, dict[Path, int]]:
+    """Of one volume's plane files: the one a slab split cuts (the acquisition plane when
+    built, else the first) and {other file: origin column (0 row, 1 col) that runs along the
+    first one's slice axis}."""
+    if len(files) == 1:
+        return files[0], {}
+    planes = {}
+    for f in files:
+        with h5py.File(f, "r") as h:
+            planes[f] = (str(h.attrs["plane"]), str(h.attrs["acquisition_plane"]))
+    main = next((f for f in files if planes[f][0] == planes[f][1]), files[0])
+    axis = PLANE_AXES[planes[main][0]][0]
+    return main, {f: PLANE_AXES[planes[f][0]].index(axis) - 1 for f in files if f != main}
+
+
+def keep_patches_inside(dataset: HDF5PatchDataset, bounds: dict, size: int) -> None:
+    """Drop the patches of dataset's files in bounds {file: (origin column, lo, hi)} whose
+    pixels leave [lo, hi) along that in-plane axis."""
+    keep = np.ones(len(dataset.rows), dtype=bool)
+    for k, f in enumerate(dataset.files):
+        if f in bounds:
+            column, lo, hi = bounds[f]
+            mine = dataset.rows[:, 0] == k
+            start = dataset.meta[k]["origin"][dataset.rows[mine, 1], column]
+            keep[mine] = (start >= lo) & (start + size <= hi)
+    dataset.rows = dataset.rows[keep]
+
+
 class DenoisingDataModule(pl.LightningDataModule):
     """Denoising data from CT/MR volumes (see module docstring).
 
@@ -88,9 +125,13 @@ class DenoisingDataModule(pl.LightningDataModule):
         or {path, modality, name} mappings; relative paths from the repository root.
     cache_dir: folder for the built HDF5 files (rebuilt when missing or stale).
     image_size, stride, slice_step, min_foreground: patching (see save_as_hdf5).
+    planes: "acquisition" (across the thickest voxels), a plane name (axial, coronal,
+        sagittal) or a list of them: one HDF5 file per (volume, plane), see the module docstring.
     noise: build_noise config, e.g. {"type": "gaussian", "sigma": 0.1} (sigma on [0,1]).
     split: {"mode": "slab"|"volume", "fractions": [train, val, test], "gap": slices}.
-    batch_size, num_workers: DataLoader settings. augment: flips/rot90 of training patches.
+    batch_size, num_workers: DataLoader settings.
+    augment: augmentation of the clean training patches (never val/test): true (flips/rot90),
+        false, or a mapping {flips, rescale, gamma, contrast, brightness} (see augment.py).
     seed: seed of the fixed val/test noise.
     in_memory: hold the train/val patches in memory (per worker) instead of reading HDF5 per item.
     lowdose_cache: low-dose CT noise realisations kept per training slice (each costs about
@@ -105,11 +146,12 @@ class DenoisingDataModule(pl.LightningDataModule):
         stride: int = 32,
         slice_step: int = 1,
         min_foreground: float = 0.1,
+        planes="acquisition",
         noise=None,
         split=None,
         batch_size: int = 32,
         num_workers: int = 0,
-        augment: bool = False,
+        augment=False,
         seed: int = 0,
         in_memory: bool = False,
         lowdose_cache: int = 4,
@@ -125,15 +167,28 @@ class DenoisingDataModule(pl.LightningDataModule):
         self.cache_dir = resolve_path(cache_dir)
         self.image_size, self.stride, self.slice_step = int(image_size), int(stride), int(slice_step)
         self.min_foreground = float(min_foreground)
+        self.planes = parse_planes(planes)
+        targets = [t for v in self.volumes for t in self._targets(v)]
+        clashes = sorted({str(t) for t in targets if targets.count(t) > 1})
+        if clashes:
+            raise ValueError(f"volumes and planes {self.planes!r} give the same HDF5 file(s) {clashes}: rename the volumes")
         self.noise_cfg = dict(DEFAULT_NOISE if noise is None else noise)
         self.noise = build_noise(self.noise_cfg)
         self.split = self._check_split(split)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
-        self.augment, self.seed, self.in_memory = bool(augment), int(seed), bool(in_memory)
+        self.augment = Augmentation.from_config(augment)
+        self.seed, self.in_memory = int(seed), bool(in_memory)
         if int(lowdose_cache) < 1:
             raise ValueError(f"lowdose_cache must be >= 1 noise realisation per slice, got {lowdose_cache}")
         self.lowdose_cache = int(lowdose_cache)
         self.train_set = self.val_set = self.test_set = None
+        several = self.planes != ACQUISITION and len(self.planes) > 1 and not all(v["h5"] for v in self.volumes)
+        if several and self.split["mode"] == "slab" and getattr(self.augment, "rescale", None) is not None:
+            raise ValueError(
+                "augment rescale reads the anatomy around a patch, which in the planes that are not "
+                "slab-split reaches across the train slab into val/test: with several planes use "
+                "split mode 'volume' or turn rescale off"
+            )
 
     @staticmethod
     def _check_split(split) -> dict:
@@ -151,11 +206,15 @@ class DenoisingDataModule(pl.LightningDataModule):
             raise ValueError(f"split gap {cfg['gap']} must be >= 0 slices")
         return {"mode": cfg["mode"], "fractions": fractions, "gap": int(cfg["gap"])}
 
-    def _target(self, volume: dict) -> Path:
-        return volume["path"] if volume["h5"] else self.cache_dir / f"{volume['name']}.h5"
+    def _targets(self, volume: dict) -> list[Path]:
+        """The volume's HDF5 files, one per plane (a given .h5 file as it is)."""
+        if volume["h5"]:
+            return [volume["path"]]
+        return [self.cache_dir / name for name in plane_file_names(volume["name"], self.planes)]
 
-    def _is_current(self, volume: dict, target: Path) -> bool:
-        """True if target exists, matches the settings and is newer than its source."""
+    def _is_current(self, volume: dict, target: Path, plane: str) -> bool:
+        """True if target exists, matches the settings (plane: a plane name or "acquisition")
+        and is newer than its source."""
         if not target.is_file() or target.stat().st_mtime < volume["path"].stat().st_mtime:
             return False
         try:
@@ -169,6 +228,7 @@ class DenoisingDataModule(pl.LightningDataModule):
                     and int(a.get("stride", -1)) == self.stride
                     and int(a.get("slice_step", -1)) == self.slice_step
                     and float(a.get("min_foreground", -1)) == self.min_foreground
+                    and str(a.get("plane")) == str(a.get("acquisition_plane") if plane == ACQUISITION else plane)
                     and all(k in f for k in ("volume", "patches", "slice_index", "origin"))
                 )
         except OSError:
@@ -181,8 +241,8 @@ class DenoisingDataModule(pl.LightningDataModule):
                 raise FileNotFoundError(f"volume does not exist: {volume['path']}")
             if volume["h5"]:
                 continue
-            target = self._target(volume)
-            if not self._is_current(volume, target):
+            planes = [ACQUISITION] if self.planes == ACQUISITION else self.planes
+            if not all(self._is_current(volume, t, p) for t, p in zip(self._targets(volume), planes)):
                 save_as_hdf5(
                     volume["path"],
                     volume["name"],
@@ -193,31 +253,47 @@ class DenoisingDataModule(pl.LightningDataModule):
                     slice_step=self.slice_step,
                     min_foreground=self.min_foreground,
                     progress=False,
+                    planes=self.planes if self.planes == ACQUISITION else list(self.planes),
                 )
 
     def split_slices(self) -> dict[str, dict[Path, list[int]]]:
-        """{"train"|"val"|"test": {h5 file: sorted slice indices}} from the split config."""
-        files = [self._target(v) for v in self.volumes]
-        n_slices = {f: read_meta(f)["n_slices"] for f in files}
-        out = {"train": {}, "val": {}, "test": {}}
+        """{"train"|"val"|"test": {h5 file: sorted slice indices}} from the split config.
+        With several planes and a slab split, the planes that are not slab-split are listed
+        under train with all their slices, but setup() keeps only their patches inside the
+        train slab."""
+        return self._split()[0]
+
+    def _split(self) -> tuple[dict, dict]:
+        """split_slices() and {h5 file: (origin column, lo, hi)}: the training patches of such
+        a file must lie in [lo, hi) along that in-plane axis (the train slab)."""
+        groups = [self._targets(v) for v in self.volumes]
+        n_slices = {f: read_meta(f)["n_slices"] for files in groups for f in files}
+        out, bounds = {"train": {}, "val": {}, "test": {}}, {}
         if self.split["mode"] == "slab":
-            for f in files:
-                for name, part in zip(out, slab_split(n_slices[f], self.split["fractions"], self.split["gap"])):
-                    out[name][f] = list(part)
+            for files in groups:
+                main, others = split_plane_files(files)
+                parts = slab_split(n_slices[main], self.split["fractions"], self.split["gap"])
+                for name, part in zip(out, parts):
+                    out[name][main] = list(part)
+                for f, column in others.items():  # rows/cols run backwards along the RAS axis
+                    out["train"][f] = list(range(n_slices[f]))
+                    bounds[f] = (column, n_slices[main] - parts[0].stop, n_slices[main] - parts[0].start)
         else:
-            ordered = sorted(files)
+            ordered = sorted(groups, key=min)
             for name, part in zip(out, volume_split(len(ordered), self.split["fractions"])):
                 for i in part:
-                    out[name][ordered[i]] = list(range(n_slices[ordered[i]]))
-        return out
+                    for f in ordered[i]:
+                        out[name][f] = list(range(n_slices[f]))
+        return out, bounds
 
     def setup(self, stage: str | None = None) -> None:
         """Build missing HDF5 files and the three datasets."""
         self.prepare_data()
-        parts = self.split_slices()
+        parts, bounds = self._split()
         self.train_set = HDF5PatchDataset(
             list(parts["train"]), parts["train"], self.noise, noise_seed=None, augment=self.augment,
             lowdose_cache=self.lowdose_cache, in_memory=self.in_memory)
+        keep_patches_inside(self.train_set, bounds, self.image_size)
         self.val_set = HDF5PatchDataset(list(parts["val"]), parts["val"], self.noise, noise_seed=self.seed, in_memory=self.in_memory)
         self.test_set = HDF5SliceDataset(list(parts["test"]), parts["test"], self.noise, noise_seed=self.seed)
         for name, dataset in (("train", self.train_set), ("val", self.val_set)):

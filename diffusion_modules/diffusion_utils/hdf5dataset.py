@@ -19,6 +19,13 @@ Low-dose CT noise (a model with ``per_slice = True``) is simulated on whole slic
 ``lowdose_cache`` realisations per slice during training (drawn among at random once
 full) and one seeded realisation per slice when noise_seed is set
 (rng = default_rng([noise_seed, file number, slice])).
+
+Augmentation (augment.py) changes the clean patch before the noise is added, drawing from
+the item's generator. Its voxel-size rescale reads the source window from the whole slice
+(``volume``), so a downscaled patch shows real neighbouring anatomy. With per-slice noise
+the augmented clean patch gets the noise cropped at the patch's place, with the same
+flips/rot90 but neither rescaled nor intensity-changed: the noise keeps the scanner's
+texture at its level, though it no longer lines up with the (rescaled) anatomy.
 """
 
 import os
@@ -29,6 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from diffusion_modules.diffusion_utils.augment import Augmentation
 from diffusion_modules.diffusion_utils.noise import noise_for_volume
 from utils.create_training_images import UINT16_SCALE, source_stem
 
@@ -60,17 +68,6 @@ def read_meta(path: Path) -> dict:
             "slice_index": f["slice_index"][:],
             "origin": f["origin"][:],
         }
-
-
-def augment_pair(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random horizontal/vertical flip and rot90 (square images only) of a 2-D array."""
-    if rng.random() < 0.5:
-        clean = clean[:, ::-1]
-    if rng.random() < 0.5:
-        clean = clean[::-1, :]
-    if clean.shape[0] == clean.shape[1]:
-        clean = np.rot90(clean, k=int(rng.integers(4)))
-    return np.ascontiguousarray(clean)
 
 
 def to_item(clean01: np.ndarray, noisy01: np.ndarray, sigma: float, index: int) -> dict:
@@ -141,7 +138,8 @@ class _HDF5Base(Dataset):
 class HDF5PatchDataset(_HDF5Base):
     """Patches of many HDF5 files; slices: optional {file: allowed slice indices}.
 
-    augment: random flips/rot90 of the clean patch before the noise is added.
+    augment: augmentation of the clean patch before the noise is added: true (flips/rot90),
+        false, a mapping or an Augmentation (see augment.py).
     lowdose_cache: noise realisations kept per slice for per-slice noise models in training.
     in_memory: read each file's patches into memory once per process (2 bytes per pixel)
     instead of one HDF5 read per item.
@@ -151,7 +149,7 @@ class HDF5PatchDataset(_HDF5Base):
         super().__init__(files, slices, noise, noise_seed)
         if noise is None:
             raise ValueError("HDF5PatchDataset needs a noise model (see noise.build_noise)")
-        self.augment = bool(augment)
+        self.augment = Augmentation.from_config(augment)
         self.lowdose_cache = int(lowdose_cache)
         self.in_memory = bool(in_memory)
         rows = []
@@ -187,25 +185,44 @@ class HDF5PatchDataset(_HDF5Base):
             self._handles[key] = patches[()]
         return self._handles[key]
 
+    def _reader(self, k: int, z: int, r: int, c: int):
+        """read(r0, r1, c0, c1): rows/cols of slice z of file k relative to (r, c) in [0,1],
+        reflect-padded where they leave the slice (the source of the rescale)."""
+        volume = self._data(k, "volume")
+        if self.in_memory:
+            key = (k, "volume[()]")
+            if key not in self._handles:
+                self._handles[key] = volume[()]
+            volume = self._handles[key]
+        rows, cols = volume.shape[1:]
+
+        def read(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+            a0, a1, b0, b1 = max(r + r0, 0), min(r + r1, rows), max(c + c0, 0), min(c + c1, cols)
+            block = volume[z, a0:a1, b0:b1].astype(np.float32) / UINT16_SCALE
+            pad = ((a0 - r - r0, r + r1 - a1), (b0 - c - c0, c + c1 - b1))
+            return np.pad(block, pad, mode="reflect") if any(sum(p) for p in pad) else block
+
+        return read
+
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} patches")
         k, row = (int(v) for v in self.rows[index])
         clean = self._patches(k)[row].astype(np.float32) / UINT16_SCALE
         rng = self._rng(index)
+        z = int(self.meta[k]["slice_index"][row])
+        r, c = (int(v) for v in self.meta[k]["origin"][row])
+        read = self._reader(k, z, r, c) if self.augment.rescale is not None else None
         if getattr(self._noise[k], "per_slice", False):
-            z = int(self.meta[k]["slice_index"][row])
-            r, c = (int(v) for v in self.meta[k]["origin"][row])
             noise, sigma = self._per_slice_noise(k, z, rng)
-            noisy = clean + noise[r : r + clean.shape[0], c : c + clean.shape[1]]
+            noise = noise[r : r + clean.shape[0], c : c + clean.shape[1]]
             if self.augment:
-                state = rng.bit_generator.state
-                clean = augment_pair(clean, rng)
-                rng.bit_generator.state = state
-                noisy = augment_pair(noisy, rng)
+                p = self.augment.draw(rng, clean.shape)
+                clean, noise = self.augment.apply(clean, p, read), self.augment.orient(noise, p)
+            noisy = clean + noise
         else:
             if self.augment:
-                clean = augment_pair(clean, rng)
+                clean = self.augment(clean, rng, read)
             noisy, sigma = self._noise[k](clean, rng)
         return to_item(clean, noisy, sigma, index)
 
