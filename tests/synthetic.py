@@ -26,3 +26,30 @@ def tiny_model_cfg() -> dict:
                        "unet_rosinality_config": {"target": UNET, "params": {
                            "in_channel": 2, "channel": 8, "channel_multiplier": [1, 2], "n_res_blocks": 1,
                            "attn_strides": [], "dropout": 0.0}}}}
+
+
+def write_dicom_slice(path, series_uid, position, orientation=(1, 0, 0, 0, 1, 0), pixels=None,
+                      spacing=(0.7, 0.6), intercept=-1024):
+    """One CT DICOM file (int16 pixels, HU = pixels + intercept) of a series."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    pixels = np.full((20, 24), 1024, dtype=np.int16) if pixels is None else np.asarray(pixels, dtype=np.int16)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, series_uid
+    ds.Modality = "CT"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelSpacing = list(spacing)
+    ds.ImageOrientationPatient = list(orientation)
+    ds.ImagePositionPatient = list(position)
+    ds.RescaleSlope, ds.RescaleIntercept = 1, intercept
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+    return path

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from utils import create_training_images as cti
+from synthetic import write_dicom_slice
 from utils.create_training_images import FOREGROUND_THRESHOLD, main, save_as_hdf5
 from utils.intensity import normalize, to_physical
 
@@ -103,37 +104,20 @@ def test_trailing_singleton_4d_is_accepted(tmp_path):
     ("coronal", [1, 0, 0, 0, 0, -1], lambda s: [0, s, 0], [4.0, 2.0, 0.0]),
 ])
 def test_dicom_series(tmp_path, plane, orientation, position, order):
-    pytest.importorskip("pydicom")
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     series = generate_uid()
     folder = tmp_path / "series"
     folder.mkdir()
     values = {}
     for i, z in enumerate([4.0, 0.0, 2.0]):  # files out of slice order
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, series
-        ds.Modality = "CT"
-        ds.Rows, ds.Columns = 20, 24
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.PixelSpacing = [0.7, 0.6]
-        ds.ImageOrientationPatient = orientation
-        ds.ImagePositionPatient = position(z)
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
         pixels = np.full((20, 24), 1024 + 10 * int(z), dtype=np.int16)
         pixels[2, 3] = 3000  # stored display is the plane's display: the mark stays at (2, 3)
         values[z] = pixels.astype(float) - 1024
-        ds.PixelData = pixels.tobytes()
-        ds.save_as(str(folder / f"im{i}.dcm"), enforce_file_format=True)
+        write_dicom_slice(folder / f"im{i}.dcm", series, position(z), orientation, pixels)
     (folder / "notes.txt").write_text("not dicom")
-    path = save_as_hdf5(folder, "scan", tmp_path / "o", image_size=16, stride=8, progress=False)
+    with pytest.warns(UserWarning, match="skipped 1 non-DICOM file"):
+        path = save_as_hdf5(folder, "scan", tmp_path / "o", image_size=16, stride=8, progress=False)
     with h5py.File(path, "r") as f:
         assert f.attrs["modality"] == "ct"  # from the DICOM Modality tag
         np.testing.assert_allclose(f.attrs["spacing"], [0.7, 0.6, 2.0])

@@ -32,57 +32,12 @@ from tqdm import tqdm
 
 from utils.atomic import atomic_write
 from utils.intensity import check_modality, normalize
+from utils.planes import ACQUISITION, PLANE_AXES, PLANES, acquisition_plane, cut_plane, parse_planes
+from utils.volume_io import load_volume
 
 FORMAT_VERSION = 2  # 2: planes (attrs plane, acquisition_plane; spacing of the plane)
 FOREGROUND_THRESHOLD = 0.05
 UINT16_SCALE = 65535.0
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
-PLANES = ("axial", "coronal", "sagittal")
-ACQUISITION = "acquisition"
-# RAS axes (0 x: right, 1 y: anterior, 2 z: superior) that become the (slice, row, col)
-# axes of each plane. Rows and columns run backwards along their RAS axis (radiological
-# display), slices forwards.
-PLANE_AXES = {"axial": (2, 1, 0), "coronal": (1, 2, 0), "sagittal": (0, 2, 1)}
-
-
-def is_nifti(path: Path) -> bool:
-    """True if the file name ends in .nii or .nii.gz."""
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
-
-
-def source_stem(path: Path) -> str:
-    """File name without .nii/.nii.gz/.h5 (folder name for DICOM series)."""
-    name = path.name
-    for suffix in (".nii.gz", ".nii", ".h5"):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def parse_planes(planes) -> str | tuple[str, ...]:
-    """"acquisition", or a tuple of distinct plane names from a plane name or a list of them;
-    ValueError naming the bad value and the allowed ones otherwise."""
-    allowed = f"allowed: {', '.join(PLANES)} (one or a list of them) or the string '{ACQUISITION}'"
-    if isinstance(planes, str):
-        if planes.lower() == ACQUISITION:
-            return ACQUISITION
-        items = [planes]
-    else:
-        try:
-            items = list(planes)
-        except TypeError:
-            raise ValueError(f"planes {planes!r} is not a plane name or a list of them; {allowed}") from None
-    if not items:
-        raise ValueError(f"planes is an empty list; {allowed}")
-    for item in items:
-        if not isinstance(item, str) or item.lower() not in PLANES:
-            raise ValueError(f"unknown plane {item!r} in planes {planes!r}; {allowed}")
-    names = tuple(item.lower() for item in items)
-    if len(set(names)) != len(names):
-        raise ValueError(f"planes {list(names)} repeats a plane; {allowed}")
-    return names
-
-
 def plane_file_names(datasetname: str, planes) -> list[str]:
     """HDF5 file names of save_as_hdf5(planes=...): ``<name>.h5`` for one plane (or
     "acquisition"), ``<name>_<plane>.h5`` per plane for several, in the order given."""
@@ -90,128 +45,6 @@ def plane_file_names(datasetname: str, planes) -> list[str]:
     if planes == ACQUISITION or len(planes) == 1:
         return [f"{datasetname}.h5"]
     return [f"{datasetname}_{plane}.h5" for plane in planes]
-
-
-def acquisition_plane(zooms) -> str:
-    """The plane across the RAS axis with the thickest voxels; (x, y, z) zooms in mm.
-    Ties (within 0.1%) go to axial, then coronal."""
-    thickest = max(float(z) for z in zooms)
-    return next(p for p in PLANES if float(zooms[PLANE_AXES[p][0]]) >= thickest * (1 - 1e-3))
-
-
-def cut_plane(ras: np.ndarray, zooms, plane: str) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """(S, H, W) slices (a view) of an (X, Y, Z) RAS array in one plane (radiological
-    display, see the module docstring) and their (row, col, slice) spacing in mm."""
-    s, r, c = PLANE_AXES[plane]
-    volume = ras.transpose(s, r, c)[:, ::-1, ::-1]
-    return volume, (float(zooms[r]), float(zooms[c]), float(zooms[s]))
-
-
-def to_ras(data: np.ndarray, axes_mm: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Permute/flip (never resample) an array whose axes step along the columns of axes_mm
-    (3x3, RAS mm per voxel) to the closest RAS axes: (X, Y, Z) array, (x, y, z) mm."""
-    from nibabel.orientations import apply_orientation, io_orientation
-
-    affine = np.eye(4)
-    affine[:3, :3] = axes_mm
-    ornt = io_orientation(affine)
-    sizes = np.sqrt((np.asarray(axes_mm, dtype=float) ** 2).sum(axis=0))
-    zooms = [0.0, 0.0, 0.0]
-    for axis, (target, _) in enumerate(ornt):
-        zooms[int(target)] = float(sizes[axis])
-    return np.ascontiguousarray(apply_orientation(data, ornt), dtype=np.float32), tuple(zooms)
-
-
-def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Read a NIfTI volume as an (X, Y, Z) float32 array of physical values reoriented to the
-    closest RAS orientation (axes permuted/flipped, never resampled) and its (x, y, z) mm."""
-    import nibabel as nib
-
-    try:
-        img = nib.load(str(path))
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable NIfTI image: {err}") from err
-    if len(img.shape) == 4 and img.shape[3] == 1:
-        img = img.slicer[..., 0]
-    if len(img.shape) != 3:
-        raise ValueError(f"{path} has shape {img.shape}: expected a 3-D volume")
-    if 0 in img.shape:
-        raise ValueError(f"{path} is empty: shape {img.shape}")
-    img = nib.as_closest_canonical(img)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    return data, tuple(float(z) for z in img.header.get_zooms()[:3])
-
-
-def load_dicom_series(folder: Path) -> tuple[np.ndarray, tuple[float, float, float], str | None]:
-    """Read a DICOM series folder: (X, Y, Z) RAS float32 physical values, (x, y, z) mm and the
-    DICOM Modality tag (lower case, or None). Slices are sorted along the slice normal,
-    rescaled with RescaleSlope/RescaleIntercept (HU for CT) and reoriented from the
-    patient (LPS) axes of ImageOrientationPatient to the closest RAS axes."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    slices = []
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        try:
-            ds = pydicom.dcmread(str(file))
-        except (InvalidDicomError, OSError):
-            continue
-        if "PixelData" in ds:
-            slices.append(ds)
-    if not slices:
-        raise ValueError(f"{folder} contains no DICOM image")
-    series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in slices}
-    if len(series) > 1:
-        raise ValueError(f"{folder} holds {len(series)} DICOM series: give a folder with one series")
-    orientation = np.array(getattr(slices[0], "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
-    normal = np.cross(orientation[:3], orientation[3:])
-    positions = [float(np.dot(normal, getattr(ds, "ImagePositionPatient", [0, 0, i]))) for i, ds in enumerate(slices)]
-    order = np.argsort(positions)
-    slices = [slices[i] for i in order]
-    positions = np.asarray(positions)[order]
-    shapes = {ds.pixel_array.shape for ds in slices}
-    if len(shapes) != 1:
-        raise ValueError(f"{folder}: DICOM slices have different shapes {sorted(shapes)}")
-    volume = np.stack(
-        [ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0)) for ds in slices]
-    )
-    row_mm, col_mm = (float(v) for v in getattr(slices[0], "PixelSpacing", [1.0, 1.0]))
-    if len(slices) > 1:
-        slice_mm = float(np.median(np.diff(positions)))
-    else:
-        slice_mm = float(getattr(slices[0], "SliceThickness", 1.0))
-    slice_mm = slice_mm if slice_mm > 0 else 1.0
-    # array axes (slice, row, col) step along normal, column cosine (down a column), row cosine
-    lps = np.stack([normal * slice_mm, orientation[3:] * row_mm, orientation[:3] * col_mm], axis=1)
-    ras, zooms = to_ras(volume, np.diag([-1.0, -1.0, 1.0]) @ lps)
-    modality = str(getattr(slices[0], "Modality", "")).lower() or None
-    return ras, zooms, modality
-
-
-def load_volume(inputpath) -> tuple[np.ndarray, tuple[float, float, float], str | None]:
-    """Load a NIfTI file or DICOM series folder; validate shape and values.
-
-    Returns the (X, Y, Z) RAS float32 physical values, their (x, y, z) spacing in mm and
-    the modality found in the file (DICOM only, else None).
-    """
-    path = Path(inputpath)
-    if not path.exists():
-        raise FileNotFoundError(f"input path does not exist: {path}")
-    if path.is_dir():
-        volume, spacing, found = load_dicom_series(path)
-    elif is_nifti(path):
-        volume, spacing = load_nifti(path)
-        found = None
-    else:
-        raise ValueError(f"{path} is not an image: expected a .nii/.nii.gz file or a DICOM series folder")
-    if volume.ndim != 3:
-        raise ValueError(f"{path} has shape {volume.shape}: expected a 3-D volume")
-    if volume.size == 0:
-        raise ValueError(f"{path} is empty: shape {volume.shape}")
-    if not np.isfinite(volume).all():
-        bad = int((~np.isfinite(volume)).sum())
-        raise ValueError(f"{path} has {bad} NaN or inf voxels")
-    return volume, spacing, found
 
 
 def patch_positions(length: int, size: int, stride: int) -> list[int]:

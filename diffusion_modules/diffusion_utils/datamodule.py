@@ -27,8 +27,9 @@ from torch.utils.data import DataLoader
 from diffusion_modules.diffusion_utils.augment import Augmentation
 from diffusion_modules.diffusion_utils.hdf5dataset import HDF5PatchDataset, HDF5SliceDataset, read_meta
 from diffusion_modules.diffusion_utils.noise import build_noise
-from utils.create_training_images import (
-    ACQUISITION, FORMAT_VERSION, PLANE_AXES, parse_planes, plane_file_names, save_as_hdf5, source_stem)
+from utils.create_training_images import FORMAT_VERSION, plane_file_names, save_as_hdf5
+from utils.planes import ACQUISITION, PLANE_AXES, parse_planes
+from utils.volume_io import source_stem
 from utils.intensity import check_modality
 from utils.paths import resolve_path
 

@@ -38,7 +38,8 @@ from torch.utils.data import Dataset
 
 from diffusion_modules.diffusion_utils.augment import Augmentation
 from diffusion_modules.diffusion_utils.noise import noise_for_volume
-from utils.create_training_images import UINT16_SCALE, source_stem
+from utils.create_training_images import UINT16_SCALE
+from utils.volume_io import source_stem
 
 REQUIRED = ("volume", "patches", "slice_index", "origin")
 

@@ -1,0 +1,64 @@
+"""DICOM series in, robustly: unreadable, truncated, duplicated or unevenly spaced slices are
+refused with the files named, never skipped silently."""
+import numpy as np
+import pytest
+from pydicom.uid import generate_uid
+
+from synthetic import write_dicom_slice
+from utils.volume_io import load_volume
+
+
+def series(folder, zs, uid=None):
+    folder.mkdir(exist_ok=True)
+    uid = uid or generate_uid()
+    for i, z in enumerate(zs):
+        pixels = np.full((20, 24), 1024 + 10 * i, dtype=np.int16)
+        write_dicom_slice(folder / f"im{i:02d}.dcm", uid, [0, 0, z], pixels=pixels)
+    return folder
+
+
+def test_a_clean_series_loads_with_its_spacing(tmp_path):
+    volume, zooms, modality = load_volume(series(tmp_path / "s", [0, 2, 4, 6, 8, 10]))
+    assert volume.shape == (24, 20, 6) and modality == "ct"
+    np.testing.assert_allclose(zooms, [0.6, 0.7, 2.0])
+    np.testing.assert_allclose(volume[0, 0, :], [0, 10, 20, 30, 40, 50])  # HU, sorted by position
+
+
+def test_a_header_corrupt_file_is_named(tmp_path):
+    folder = series(tmp_path / "s", [0, 2, 4, 6, 8, 10])
+    bad = folder / "im03.dcm"
+    data = bytearray(bad.read_bytes())
+    data[140:200] = b"\xff" * 60  # garbage where the first elements' tags and lengths are
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"im03\.dcm: unreadable DICOM slice"):
+        load_volume(folder)
+
+
+def test_a_truncated_slice_is_named(tmp_path):
+    folder = series(tmp_path / "s", [0, 2, 4])
+    bad = folder / "im01.dcm"
+    bad.write_bytes(bad.read_bytes()[:-300])  # pixel data cut short
+    with pytest.raises(ValueError, match=r"im01\.dcm: unreadable DICOM slice"):
+        load_volume(folder)
+
+
+def test_a_duplicated_file_is_refused(tmp_path):
+    folder = series(tmp_path / "s", [0, 2, 4, 6])
+    (folder / "copy_of_im02.dcm").write_bytes((folder / "im02.dcm").read_bytes())
+    with pytest.raises(ValueError, match=r"(copy_of_im02\.dcm and im02\.dcm|im02\.dcm and copy_of_im02\.dcm) lie at the same position"):
+        load_volume(folder)
+
+
+def test_a_missing_slice_is_refused_as_uneven_spacing(tmp_path):
+    folder = series(tmp_path / "s", [0, 2, 4, 6, 8, 10])
+    (folder / "im03.dcm").unlink()  # 4 -> 8 mm: a 4 mm gap in a 2 mm series
+    with pytest.raises(ValueError, match=r"uneven slice spacing, 4\.000 mm between im02\.dcm and im04\.dcm .* 2\.000 mm"):
+        load_volume(folder)
+
+
+def test_non_dicom_files_are_skipped_with_a_warning(tmp_path):
+    folder = series(tmp_path / "s", [0, 2, 4])
+    (folder / "README.txt").write_text("exported by a scanner")
+    with pytest.warns(UserWarning, match="skipped 1 non-DICOM file.*README.txt"):
+        volume, _, _ = load_volume(folder)
+    assert volume.shape[2] == 3

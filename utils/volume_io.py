@@ -1,0 +1,184 @@
+"""Reading CT/MR volumes: NIfTI files and DICOM series folders, as (X, Y, Z) RAS float32
+arrays in physical units (HU for CT, scanner units for MR) with (x, y, z) spacing in mm."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    """True if the file name ends in .nii or .nii.gz."""
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def source_stem(path: Path) -> str:
+    """File name without .nii/.nii.gz/.h5 (folder name for DICOM series)."""
+    name = path.name
+    for suffix in (".nii.gz", ".nii", ".h5"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def to_ras(data: np.ndarray, axes_mm: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Permute/flip (never resample) an array whose axes step along the columns of axes_mm
+    (3x3, RAS mm per voxel) to the closest RAS axes: (X, Y, Z) array, (x, y, z) mm."""
+    from nibabel.orientations import apply_orientation, io_orientation
+
+    affine = np.eye(4)
+    affine[:3, :3] = axes_mm
+    ornt = io_orientation(affine)
+    sizes = np.sqrt((np.asarray(axes_mm, dtype=float) ** 2).sum(axis=0))
+    zooms = [0.0, 0.0, 0.0]
+    for axis, (target, _) in enumerate(ornt):
+        zooms[int(target)] = float(sizes[axis])
+    return np.ascontiguousarray(apply_orientation(data, ornt), dtype=np.float32), tuple(zooms)
+
+
+def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """Read a NIfTI volume as an (X, Y, Z) float32 array of physical values reoriented to the
+    closest RAS orientation (axes permuted/flipped, never resampled) and its (x, y, z) mm."""
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+    except Exception as err:
+        raise ValueError(f"{path} is not a readable NIfTI image: {err}") from err
+    if len(img.shape) == 4 and img.shape[3] == 1:
+        img = img.slicer[..., 0]
+    if len(img.shape) != 3:
+        raise ValueError(f"{path} has shape {img.shape}: expected a 3-D volume")
+    if 0 in img.shape:
+        raise ValueError(f"{path} is empty: shape {img.shape}")
+    img = nib.as_closest_canonical(img)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    return data, tuple(float(z) for z in img.header.get_zooms()[:3])
+
+
+def _is_dicom_file(path: Path) -> bool:
+    """True if the file carries the DICOM part-10 preamble ('DICM' at byte 128)."""
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def read_dicom_slices(folder: Path) -> list:
+    """The image datasets of a DICOM series folder, each with its pixels decoded.
+
+    Files without a DICOM preamble (notes, DICOMDIR-less exports) are skipped with a
+    warning; a DICOM file that cannot be read or decoded (corrupt header, truncated pixel
+    data) is an error naming it, never skipped silently.
+    """
+    import warnings
+
+    import pydicom
+
+    slices, skipped = [], []
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        try:
+            is_dicom = _is_dicom_file(file)
+        except OSError as err:
+            raise ValueError(f"{file}: cannot be read ({err})") from err
+        if not is_dicom:
+            skipped.append(file.name)
+            continue
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ds = pydicom.dcmread(str(file))
+            if "PixelData" in ds:
+                ds.decoded = ds.pixel_array.astype(np.float32)
+            elif caught:  # pydicom read past a corrupt header leniently and lost the pixels
+                raise ValueError(str(caught[0].message))
+        except Exception as err:  # corrupt header, truncated or undecodable pixel data
+            raise ValueError(f"{file}: unreadable DICOM slice ({type(err).__name__}: {err})") from err
+        if "PixelData" in ds:
+            slices.append(ds)
+    if skipped:
+        warnings.warn(f"{folder}: skipped {len(skipped)} non-DICOM file(s): {', '.join(skipped[:5])}"
+                      + (" ..." if len(skipped) > 5 else ""))
+    if not slices:
+        raise ValueError(f"{folder} contains no DICOM image")
+    return slices
+
+
+def check_slice_positions(files: list[str], positions: np.ndarray, folder: Path) -> float:
+    """The slice spacing (mm) of sorted slice positions; a ValueError naming the files of
+    duplicated positions or of a gap that differs from the others by more than 1%."""
+    if len(positions) < 2:
+        return 0.0
+    steps = np.diff(positions)
+    duplicated = np.flatnonzero(np.abs(steps) < 1e-3)
+    if duplicated.size:
+        i = int(duplicated[0])
+        raise ValueError(f"{folder}: slices {files[i]} and {files[i + 1]} lie at the same position "
+                         f"({positions[i]:.3f} mm along the normal): a duplicated file?")
+    spacing = float(np.median(steps))
+    uneven = np.flatnonzero(np.abs(steps - spacing) > 0.01 * spacing)
+    if uneven.size:
+        i = int(uneven[0])
+        raise ValueError(f"{folder}: uneven slice spacing, {steps[i]:.3f} mm between {files[i]} and "
+                         f"{files[i + 1]} where the series has {spacing:.3f} mm (a missing or extra slice?)")
+    return spacing
+
+
+def load_dicom_series(folder: Path) -> tuple[np.ndarray, tuple[float, float, float], str | None]:
+    """Read a DICOM series folder: (X, Y, Z) RAS float32 physical values, (x, y, z) mm and the
+    DICOM Modality tag (lower case, or None). Slices are sorted along the slice normal,
+    rescaled with RescaleSlope/RescaleIntercept (HU for CT) and reoriented from the
+    patient (LPS) axes of ImageOrientationPatient to the closest RAS axes. A series with
+    unreadable, duplicated or unevenly spaced slices is refused, naming the files."""
+    slices = read_dicom_slices(folder)
+    series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in slices}
+    if len(series) > 1:
+        raise ValueError(f"{folder} holds {len(series)} DICOM series: give a folder with one series")
+    orientation = np.array(getattr(slices[0], "ImageOrientationPatient", [1, 0, 0, 0, 1, 0]), dtype=float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = [float(np.dot(normal, getattr(ds, "ImagePositionPatient", [0, 0, i]))) for i, ds in enumerate(slices)]
+    order = np.argsort(positions)
+    slices = [slices[i] for i in order]
+    positions = np.asarray(positions)[order]
+    shapes = {ds.decoded.shape for ds in slices}
+    if len(shapes) != 1:
+        raise ValueError(f"{folder}: DICOM slices have different shapes {sorted(shapes)}")
+    slice_mm = check_slice_positions([Path(ds.filename).name for ds in slices], positions, folder)
+    volume = np.stack([ds.decoded * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
+                       for ds in slices])
+    row_mm, col_mm = (float(v) for v in getattr(slices[0], "PixelSpacing", [1.0, 1.0]))
+    if len(slices) == 1:
+        slice_mm = float(getattr(slices[0], "SliceThickness", 1.0))
+    slice_mm = slice_mm if slice_mm > 0 else 1.0
+    # array axes (slice, row, col) step along normal, column cosine (down a column), row cosine
+    lps = np.stack([normal * slice_mm, orientation[3:] * row_mm, orientation[:3] * col_mm], axis=1)
+    ras, zooms = to_ras(volume, np.diag([-1.0, -1.0, 1.0]) @ lps)
+    modality = str(getattr(slices[0], "Modality", "")).lower() or None
+    return ras, zooms, modality
+
+
+def load_volume(inputpath) -> tuple[np.ndarray, tuple[float, float, float], str | None]:
+    """Load a NIfTI file or DICOM series folder; validate shape and values.
+
+    Returns the (X, Y, Z) RAS float32 physical values, their (x, y, z) spacing in mm and
+    the modality found in the file (DICOM only, else None).
+    """
+    path = Path(inputpath)
+    if not path.exists():
+        raise FileNotFoundError(f"input path does not exist: {path}")
+    if path.is_dir():
+        volume, spacing, found = load_dicom_series(path)
+    elif is_nifti(path):
+        volume, spacing = load_nifti(path)
+        found = None
+    else:
+        raise ValueError(f"{path} is not an image: expected a .nii/.nii.gz file or a DICOM series folder")
+    if volume.ndim != 3:
+        raise ValueError(f"{path} has shape {volume.shape}: expected a 3-D volume")
+    if volume.size == 0:
+        raise ValueError(f"{path} is empty: shape {volume.shape}")
+    if not np.isfinite(volume).all():
+        bad = int((~np.isfinite(volume)).sum())
+        raise ValueError(f"{path} has {bad} NaN or inf voxels")
+    return volume, spacing, found
