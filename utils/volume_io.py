@@ -23,39 +23,22 @@ def source_stem(path: Path) -> str:
     return name
 
 
-def to_ras(data: np.ndarray, axes_mm: np.ndarray) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Permute/flip (never resample) an array whose axes step along the columns of axes_mm
-    (3x3, RAS mm per voxel) to the closest RAS axes: (X, Y, Z) array, (x, y, z) mm."""
-    from nibabel.orientations import apply_orientation, io_orientation
-
-    affine = np.eye(4)
-    affine[:3, :3] = axes_mm
-    ornt = io_orientation(affine)
-    sizes = np.sqrt((np.asarray(axes_mm, dtype=float) ** 2).sum(axis=0))
-    zooms = [0.0, 0.0, 0.0]
-    for axis, (target, _) in enumerate(ornt):
-        zooms[int(target)] = float(sizes[axis])
-    return np.ascontiguousarray(apply_orientation(data, ornt), dtype=np.float32), tuple(zooms)
-
-
-def load_nifti(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
-    """Read a NIfTI volume as an (X, Y, Z) float32 array of physical values reoriented to the
-    closest RAS orientation (axes permuted/flipped, never resampled) and its (x, y, z) mm."""
+def load_nifti_image(path: Path):
+    """The NIfTI image of a file (a 4-D file with one volume is taken as 3-D); ValueError naming
+    the file when it is unreadable, not 3-D or empty."""
     import nibabel as nib
 
     try:
         img = nib.load(str(path))
+        if len(img.shape) == 4 and img.shape[3] == 1:
+            img = img.slicer[..., 0]
     except Exception as err:
         raise ValueError(f"{path} is not a readable NIfTI image: {err}") from err
-    if len(img.shape) == 4 and img.shape[3] == 1:
-        img = img.slicer[..., 0]
     if len(img.shape) != 3:
         raise ValueError(f"{path} has shape {img.shape}: expected a 3-D volume")
     if 0 in img.shape:
         raise ValueError(f"{path} is empty: shape {img.shape}")
-    img = nib.as_closest_canonical(img)
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    return data, tuple(float(z) for z in img.header.get_zooms()[:3])
+    return img
 
 
 def _is_dicom_file(path: Path) -> bool:
@@ -125,12 +108,14 @@ def check_slice_positions(files: list[str], positions: np.ndarray, folder: Path)
     return spacing
 
 
-def load_dicom_series(folder: Path) -> tuple[np.ndarray, tuple[float, float, float], str | None]:
-    """Read a DICOM series folder: (X, Y, Z) RAS float32 physical values, (x, y, z) mm and the
-    DICOM Modality tag (lower case, or None). Slices are sorted along the slice normal,
-    rescaled with RescaleSlope/RescaleIntercept (HU for CT) and reoriented from the
-    patient (LPS) axes of ImageOrientationPatient to the closest RAS axes. A series with
-    unreadable, duplicated or unevenly spaced slices is refused, naming the files."""
+def dicom_series_image(folder: Path):
+    """A DICOM series folder as a NIfTI image (array axes slice, row, col; RAS affine from
+    ImageOrientationPatient, ImagePositionPatient and the spacings) and the DICOM Modality tag
+    (lower case, or None). Slices are sorted along the slice normal and rescaled with
+    RescaleSlope/RescaleIntercept (HU for CT). A series with unreadable, duplicated or
+    unevenly spaced slices is refused, naming the files."""
+    import nibabel as nib
+
     slices = read_dicom_slices(folder)
     series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in slices}
     if len(series) > 1:
@@ -151,34 +136,44 @@ def load_dicom_series(folder: Path) -> tuple[np.ndarray, tuple[float, float, flo
     if len(slices) == 1:
         slice_mm = float(getattr(slices[0], "SliceThickness", 1.0))
     slice_mm = slice_mm if slice_mm > 0 else 1.0
-    # array axes (slice, row, col) step along normal, column cosine (down a column), row cosine
-    lps = np.stack([normal * slice_mm, orientation[3:] * row_mm, orientation[:3] * col_mm], axis=1)
-    ras, zooms = to_ras(volume, np.diag([-1.0, -1.0, 1.0]) @ lps)
+    # array axes (slice, row, col) step along the normal, the column cosine (down a column) and
+    # the row cosine, in patient LPS mm; RAS flips x and y
+    affine = np.eye(4)
+    affine[:3, :3] = np.stack([normal * slice_mm, orientation[3:] * row_mm, orientation[:3] * col_mm], axis=1)
+    affine[:3, 3] = getattr(slices[0], "ImagePositionPatient", [0.0, 0.0, 0.0])
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     modality = str(getattr(slices[0], "Modality", "")).lower() or None
-    return ras, zooms, modality
+    return nib.Nifti1Image(volume.astype(np.float32), affine), modality
 
 
-def load_volume(inputpath) -> tuple[np.ndarray, tuple[float, float, float], str | None]:
-    """Load a NIfTI file or DICOM series folder; validate shape and values.
-
-    Returns the (X, Y, Z) RAS float32 physical values, their (x, y, z) spacing in mm and
-    the modality found in the file (DICOM only, else None).
-    """
+def read_image(inputpath):
+    """A NIfTI file or DICOM series folder as (NIfTI image in its stored layout, modality found
+    in the file: the DICOM Modality tag, else None)."""
     path = Path(inputpath)
     if not path.exists():
         raise FileNotFoundError(f"input path does not exist: {path}")
     if path.is_dir():
-        volume, spacing, found = load_dicom_series(path)
-    elif is_nifti(path):
-        volume, spacing = load_nifti(path)
-        found = None
-    else:
-        raise ValueError(f"{path} is not an image: expected a .nii/.nii.gz file or a DICOM series folder")
-    if volume.ndim != 3:
-        raise ValueError(f"{path} has shape {volume.shape}: expected a 3-D volume")
-    if volume.size == 0:
-        raise ValueError(f"{path} is empty: shape {volume.shape}")
+        return dicom_series_image(path)
+    if is_nifti(path):
+        return load_nifti_image(path), None
+    raise ValueError(f"{path} is not an image: expected a .nii/.nii.gz file or a DICOM series folder")
+
+
+def ras_array(img, name) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """An image reoriented to the closest RAS axes (permuted/flipped, never resampled):
+    (X, Y, Z) float32 physical values and (x, y, z) mm; ValueError for NaN/inf voxels."""
+    import nibabel as nib
+
+    canonical = nib.as_closest_canonical(img)
+    volume = np.asarray(canonical.dataobj, dtype=np.float32)
     if not np.isfinite(volume).all():
-        bad = int((~np.isfinite(volume)).sum())
-        raise ValueError(f"{path} has {bad} NaN or inf voxels")
+        raise ValueError(f"{name} has {int((~np.isfinite(volume)).sum())} NaN or inf voxels")
+    return volume, tuple(float(z) for z in canonical.header.get_zooms()[:3])
+
+
+def load_volume(inputpath) -> tuple[np.ndarray, tuple[float, float, float], str | None]:
+    """Load a NIfTI file or DICOM series folder: the (X, Y, Z) RAS float32 physical values,
+    their (x, y, z) spacing in mm and the modality found in the file (DICOM only, else None)."""
+    img, found = read_image(inputpath)
+    volume, spacing = ras_array(img, inputpath)
     return volume, spacing, found
