@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from models.ddpm_conditioned import ConditionDDPM
+from models.ddpm_st_diffusion import DDPM
 from models.supervised_unet import SupervisedUNet
 from utils.atomic import atomic_write
 from utils.initialize_configs import ConfigError, allowed_targets, validate_all_targets
@@ -52,6 +53,18 @@ def check_hyper_parameters(ckpt: dict, name: str | Path, allow_targets=None) -> 
         raise ConfigError(f"{name}: {err}") from err
 
 
+#: The LightningModules of this project whose checkpoints load_checkpoint tells apart.
+MODEL_CLASSES = (ConditionDDPM, DDPM, SupervisedUNet)
+
+
+def checkpoint_model_class(hparams: dict) -> type:
+    """Which of MODEL_CLASSES saved these hyper-parameters: only a ConditionDDPM has
+    ``conditioning_key``, only the diffusion models have ``timesteps``."""
+    if "conditioning_key" in hparams:
+        return ConditionDDPM
+    return DDPM if "timesteps" in hparams else SupervisedUNet
+
+
 def load_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu", allow_targets=None):
     """``cls.load_from_checkpoint`` on a path relative to the repo root, in eval mode.
 
@@ -68,6 +81,9 @@ def load_checkpoint(cls, path: str | Path, map_location: str | torch.device = "c
         raise CheckpointError(f"{path}: cannot read checkpoint ({err})") from err
     ckpt = _safe_load(io.BytesIO(data), path)
     check_hyper_parameters(ckpt, path, allow_targets)
+    found = checkpoint_model_class(ckpt.get("hyper_parameters") or {})
+    if cls in MODEL_CLASSES and found is not cls:
+        raise CheckpointError(f"{path} holds a {found.__name__} checkpoint, not a {cls.__name__}")
     del ckpt
     with allowed_targets(allow_targets):
         model = cls.load_from_checkpoint(io.BytesIO(data), map_location=map_location, weights_only=True)
