@@ -11,7 +11,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from utils.atomic import atomic_write
-from orchestration.callbacks import ImageLogger
+from orchestration.callbacks import ImageLogger, NonFiniteGuard
 from utils.initialize_configs import ConfigError, instantiate_from_configs, validate_target_config
 from utils.paths import resolve_path
 
@@ -55,6 +55,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
                         every_n_train_steps=log.get("checkpoint_every_n_steps", 1000)),
         LearningRateMonitor(logging_interval="step"),
         ImageLogger(every_n_steps=log.get("image_every_n_steps", 0)),
+        NonFiniteGuard(),
     ]
     trainer_kwargs = OmegaConf.to_container(cfg.get("trainer", {}), resolve=True)
     try:

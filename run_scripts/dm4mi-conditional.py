@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as err:
         parser.error(str(err))
-    run_job(cfg, resume=args.resume)
+    try:
+        run_job(cfg, resume=args.resume)
+    except FloatingPointError as err:  # NaN/inf loss or gradient (orchestration.callbacks.NonFiniteGuard)
+        raise SystemExit(f"training stopped: {err}") from err
     return 0
 
 

@@ -102,6 +102,19 @@ def test_seeded_val_and_test_noise_identical_across_datamodules(tmp_path, volume
     assert torch.equal(a.train_set[0]["x_prior"], a.train_set[0]["x_prior"])
 
 
+def test_training_noise_follows_the_torch_seed(tmp_path, volumes):
+    """Two runs seeded alike draw the same training noise (seed_everything seeds torch, and
+    each process's training generator starts from torch's seed); another seed draws other noise."""
+    def first_reads(seed):
+        torch.manual_seed(seed)
+        dm = datamodule(volumes, tmp_path / "c")
+        dm.setup()
+        return torch.stack([dm.train_set[i]["x_cond"] for i in (0, 1, 0)])
+
+    assert torch.equal(first_reads(3), first_reads(3))
+    assert not torch.equal(first_reads(3), first_reads(4))
+
+
 def test_two_workers_read_same_items_as_zero(tmp_path, volumes):
     files = [save_as_hdf5(v, v.name.split(".")[0], tmp_path / "h5", image_size=16, stride=8,
                           modality="ct" if "ct" in v.name else "mr", progress=False) for v in volumes]

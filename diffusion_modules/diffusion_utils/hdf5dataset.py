@@ -109,9 +109,13 @@ class _HDF5Base(Dataset):
         return np.asarray(sorted(int(s) for s in self.slices.get(self.files[k], [])), dtype=int)
 
     def _check_process(self) -> None:
-        """Drop handles and the fresh-noise generator inherited from another process."""
+        """Drop handles and the fresh-noise generator inherited from another process. The
+        generator is seeded from torch's seed of this process (set by the run's ``seed`` via
+        Lightning's seed_everything, per DataLoader worker), so a seeded run draws the same
+        training noise and augmentation every time."""
         if self._pid != os.getpid():
-            self._handles, self._pid, self._fresh_rng = {}, os.getpid(), np.random.default_rng()
+            self._handles, self._pid = {}, os.getpid()
+            self._fresh_rng = np.random.default_rng(torch.initial_seed())
 
     def _data(self, k: int, name: str) -> h5py.Dataset:
         """Dataset `name` of file k, opened once per process."""
