@@ -7,10 +7,14 @@ per detector bin), simulated with each CT slice's HU window and pixel spacing. T
 methods get the noise model's (Gaussian-equivalent) std on [0,1] as their sigma.
 Scores are computed in [0,1] units (dynamic range 1); saved predictions are in physical
 units (HU for CT): x_phys = low + x01 * (high - low).
+A slice may carry "set" ("same-subject", the default: held-out slabs of the training
+volumes; "unseen": a volume no training split touches) and "label" (e.g. "resolution
+shift"); rows, tables and figure rows are kept apart by set.
 
 ``evaluate`` writes into out_dir (see metrics.reporting):
-  scores.csv               one row per (level, slice, method)
-  results.md               mean +- std per modality, method and level
+  scores.csv               one row per (level, slice, method), column "set"
+  results.md               sections "Same-subject slabs" and "Unseen volumes": mean +- std
+                           per modality, method and level, best body PSNR per level
   psnr_ssim_vs_sigma.png   PSNR / SSIM against the level, per method and modality
   examples.png             clean, noisy, each method (and the DDPM std map) per example
   predictions/<method>/<level>/<source>_z<slice>.tif and <source>.nii.gz
@@ -32,6 +36,7 @@ from diffusion_modules.diffusion_utils.noise import NOISE_TYPES, noise_at_level,
 from metrics.denoisers import NoisyInput
 from metrics.image_metrics import ImageMetrics, body_mask
 from metrics.reporting import (
+    SETS,
     atomic_text,
     level_name,
     level_unit,
@@ -41,6 +46,7 @@ from metrics.reporting import (
     safe_name,
     save_nifti,
     save_tiff,
+    slice_set,
     summarize,
     write_csv,
 )
@@ -86,6 +92,8 @@ def _check_inputs(denoisers, slices, sigmas, noise_type, noise_params):
         missing = [k for k in SLICE_KEYS if k not in s]
         if missing:
             raise ValueError(f"slice {i} lacks key(s) {missing}")
+        if slice_set(s) not in SETS:
+            raise ValueError(f"slice {i} ({s['source']}): set must be one of {SETS}, got {s['set']!r}")
         clean = np.asarray(s["clean"])
         if clean.ndim != 2:
             raise ValueError(f"slice {i} ({s['source']}): clean must be (H,W), got {clean.shape}")
@@ -99,6 +107,12 @@ def _check_inputs(denoisers, slices, sigmas, noise_type, noise_params):
                 f"slice {i} ({s['source']} z={s['slice_index']}) is {s['modality']!r}: "
                 "lowdose_ct noise needs CT slices"
             )
+    sources = {}
+    for s in slices:
+        sources.setdefault(safe_name(s["source"]), set()).add(slice_set(s))
+    shared = sorted(name for name, sets in sources.items() if len(sets) > 1)
+    if shared:
+        raise ValueError(f"source name(s) {shared} occur in more than one set: give unseen volumes other names")
     sigmas = [float(x) for x in sigmas]
     if not sigmas or any(not np.isfinite(x) or x < 0 for x in sigmas):
         raise ValueError(f"sigmas must be a non-empty list of non-negative numbers, got {sigmas}")
@@ -110,12 +124,12 @@ def _check_inputs(denoisers, slices, sigmas, noise_type, noise_params):
 
 
 def _example_numbers(slices, n_examples: int) -> set:
-    """Slice numbers shown in examples.png: n_examples per modality, evenly spaced
-    over that modality's slices (chosen by position, never by score)."""
+    """Slice numbers shown in examples.png: n_examples per set and modality, evenly
+    spaced over those slices (chosen by position, never by score)."""
     chosen = set()
     by_modality = {}
     for i, s in enumerate(slices):
-        by_modality.setdefault(s["modality"], []).append(i)
+        by_modality.setdefault((slice_set(s), s["modality"]), []).append(i)
     for numbers in by_modality.values():
         k = min(max(int(n_examples), 0), len(numbers))
         if k:
@@ -141,7 +155,9 @@ def evaluate(
     denoisers: list of Denoiser (metrics.denoisers); names must be unique.
     slices: list of dicts {"clean": (H,W) float32 [0,1], "source", "modality",
         "slice_index", "spacing" (mm: in-plane axis 0, axis 1, slice), "norm":
-        {"low", "high", ...} physical units} as given by the data module's test_slices().
+        {"low", "high", ...} physical units} as given by the data module's test_slices();
+        optional "set" ("same-subject" default, or "unseen") and "label". Source names
+        must not be shared between sets.
     sigmas: the noise levels: sigma (std on the [0,1] scale) for "gaussian" and
         "rician", i0 (photons per detector bin, > 0) for "lowdose_ct" (CT slices only).
     noise_seed: the noise of slice number i at level x comes from
@@ -192,7 +208,7 @@ def evaluate(
                         f"for slice {i} ({s['source']}), expected finite {clean.shape}"
                     )
                 row = _score_row(metrics, clean, pred, masks[i], sigma, s, d.name, seconds)
-                rows.append({**row, **noise_info, "noise_std": float(noise_std)})
+                rows.append({**row, **noise_info, "noise_std": float(noise_std), "set": slice_set(s)})
                 if example is not None and not isinstance(getattr(d, "inner", d), NoisyInput):
                     example["preds"][d.name] = pred
                     example["psnr"][d.name] = row["psnr"]
@@ -205,7 +221,8 @@ def evaluate(
     progress.close()
 
     summary = summarize(rows, [d.name for d in denoisers], sigmas)
-    examples.sort(key=lambda ex: (ex["slice"]["modality"], ex["number"], ex["sigma"]))
+    examples.sort(key=lambda ex: (SETS.index(slice_set(ex["slice"])), ex["slice"]["modality"],
+                                  ex["number"], ex["sigma"]))
     result = {
         "scores_csv": write_csv(out_dir / "scores.csv", rows),
         "results_md": atomic_text(out_dir / "results.md",

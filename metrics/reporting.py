@@ -4,6 +4,10 @@
 calls these. Noise levels are named in their unit: sigma (std on the [0,1] scale) for
 gaussian and rician noise, i0 (photons per detector bin) for lowdose_ct. Predictions
 are saved in physical units (HU for CT) with ``utils.intensity.to_physical``.
+
+Every slice belongs to a set (its "set" key, default "same-subject"): "same-subject" for
+the held-out slabs of the training volumes, "unseen" for volumes no training split
+touches (``evaluation.test_volumes``). Rows, tables and figure rows are kept apart by set.
 """
 
 from __future__ import annotations
@@ -24,10 +28,23 @@ from utils.intensity import to_physical
 CSV_COLUMNS = (
     "sigma", "source", "modality", "slice_index", "method",
     "psnr", "ssim", "mae", "psnr_masked", "ssim_masked", "mae_masked", "seconds",
-    "noise_type", "level_unit", "noise_std",
+    "noise_type", "level_unit", "noise_std", "set",
 )
 SCORE_KEYS = ("psnr", "ssim", "mae", "psnr_masked", "ssim_masked", "mae_masked", "seconds")
 LEVEL_UNITS = {"sigma": "sigma (0-1 scale)", "i0": "i0 (photons)"}
+SAME_SUBJECT, UNSEEN = "same-subject", "unseen"
+SETS = (SAME_SUBJECT, UNSEEN)
+SET_TITLES = {SAME_SUBJECT: "Same-subject slabs", UNSEEN: "Unseen volumes"}
+SET_NOTES = {
+    SAME_SUBJECT: "Held-out slabs of the training volumes (the data module's test split): "
+                  "never trained on, but the same subjects and scanners.",
+    UNSEEN: "Volumes no training split touches (`evaluation.test_volumes`).",
+}
+
+
+def slice_set(s: dict) -> str:
+    """The set of a slice dict: its "set" key, default "same-subject"."""
+    return s.get("set") or SAME_SUBJECT
 
 
 def level_name(noise_type: str) -> str:
@@ -62,18 +79,19 @@ def level_tag(level: float, noise_type: str = "gaussian") -> str:
 
 # ----------------------------------------------------------------------------- tables
 def summarize(rows, methods, sigmas) -> list:
-    """Per (modality, method, level): n and mean/std over slices of every score and of
-    noise_std (NaN entries, from empty masks, are left out)."""
+    """Per (set, modality, method, level): n and mean/std over slices of every score and
+    of noise_std (NaN entries, from empty masks, are left out). Sets in SETS order."""
     summary = []
-    modalities = list(dict.fromkeys(r["modality"] for r in rows))
-    for modality in modalities:
+    groups = dict.fromkeys((slice_set(r), r["modality"]) for r in rows)
+    for group in sorted(groups, key=lambda g: SETS.index(g[0])):
         for sigma in sigmas:
             for method in methods:
-                sel = [r for r in rows
-                       if r["modality"] == modality and r["method"] == method and r["sigma"] == sigma]
+                sel = [r for r in rows if (slice_set(r), r["modality"]) == group
+                       and r["method"] == method and r["sigma"] == sigma]
                 if not sel:
                     continue
-                entry = {"modality": modality, "method": method, "sigma": sigma, "n": len(sel)}
+                entry = {"set": group[0], "modality": group[1], "method": method, "sigma": sigma,
+                         "n": len(sel)}
                 for key in SCORE_KEYS + ("noise_std",):
                     vals = np.array([r[key] for r in sel], dtype=np.float64)
                     entry[key] = _mean(vals)
@@ -111,9 +129,43 @@ def _pm(mean, std, digits):
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def best_methods(entries) -> list:
+    """Per level of one table's summary entries: (level, [methods with the highest mean
+    body PSNR] (ties all listed; empty when every mean is NaN), that PSNR)."""
+    out = []
+    for sigma in dict.fromkeys(e["sigma"] for e in entries):
+        scores = {e["method"]: e["psnr_masked"] for e in entries
+                  if e["sigma"] == sigma and not np.isnan(e["psnr_masked"])}
+        best = max(scores.values()) if scores else float("nan")
+        out.append((sigma, [m for m, v in scores.items() if v == best], best))
+    return out
+
+
+def _best_line(entries, photons: bool) -> str:
+    symbol = "i0" if photons else "sigma"
+    parts = []
+    for sigma, methods, best in best_methods(entries):
+        won = " = ".join(methods) + f" ({best:.2f} dB)" if methods else "n/a"
+        parts.append(f"{symbol} {sigma:g}: {won}")
+    return "Highest mean body PSNR: " + "; ".join(parts) + "."
+
+
+def _source_list(slices) -> list:
+    """One bullet per unseen source: name, modality, slice count and label."""
+    lines = []
+    for source in dict.fromkeys(s["source"] for s in slices):
+        sel = [s for s in slices if s["source"] == source]
+        n, label = len(sel), sel[0].get("label")
+        lines.append(f"- {source}: {sel[0]['modality'].upper()}, {n} slice{'s' if n != 1 else ''}"
+                     + (f", {label}" if label else ""))
+    return lines
+
+
 def results_markdown(summary, slices, noise_type: str, noise_seed: int) -> str:
-    """Markdown tables, one per modality: rows level x method, mean ± std over slices.
-    For lowdose_ct the level is i0 and a column gives the mean noise std on [0,1]."""
+    """Two sections, "Same-subject slabs" and "Unseen volumes", each with one Markdown
+    table per modality: rows level x method, mean ± std over slices, and a line naming
+    the method with the highest mean body PSNR per level. For lowdose_ct the level is
+    i0 and a column gives the mean noise std on [0,1]."""
     photons = level_name(noise_type) == "i0"
     if photons:
         noise = (f"Noise: {noise_type}, i0 = photons per detector bin (fewer: more noise), "
@@ -130,12 +182,29 @@ def results_markdown(summary, slices, noise_type: str, noise_seed: int) -> str:
         "slices; seconds = wall time per slice.",
         "",
     ]
+    for group in SETS:
+        lines += [f"## {SET_TITLES[group]}", "", SET_NOTES[group], ""]
+        entries = [e for e in summary if e.get("set", SAME_SUBJECT) == group]
+        in_set = [s for s in slices if slice_set(s) == group]
+        if not entries:
+            lines += ["No slices of this set were scored"
+                      + (": list volumes in `evaluation.test_volumes`." if group == UNSEEN else "."), ""]
+            continue
+        if group == UNSEEN:
+            lines += _source_list(in_set) + [""]
+        lines += _set_tables(entries, in_set, photons)
+    return "\n".join(lines)
+
+
+def _set_tables(summary, slices, photons: bool) -> list:
+    """The per-modality tables of one set (with their best-method lines)."""
+    lines = []
     level_columns = "i0 (photons) | noise std" if photons else "sigma"
     for modality in dict.fromkeys(e["modality"] for e in summary):
         sources = sorted({s["source"] for s in slices if s["modality"] == modality})
         n = sum(1 for s in slices if s["modality"] == modality)
         lines += [
-            f"## {modality.upper()} ({n} slice{'s' if n != 1 else ''} from {', '.join(sources)})",
+            f"### {modality.upper()} ({n} slice{'s' if n != 1 else ''} from {', '.join(sources)})",
             "",
             f"| method | {level_columns} | PSNR (dB) | SSIM | PSNR body (dB) | SSIM body | MAE | MAE body | s/slice |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if photons else ""),
@@ -150,8 +219,8 @@ def results_markdown(summary, slices, noise_type: str, noise_seed: int) -> str:
                 f"{_pm(e['ssim_masked'], e['ssim_masked_std'], 3)} | {_pm(e['mae'], e['mae_std'], 4)} | "
                 f"{_pm(e['mae_masked'], e['mae_masked_std'], 4)} | {e['seconds']:.3f} |"
             )
-        lines.append("")
-    return "\n".join(lines)
+        lines += ["", _best_line([e for e in summary if e["modality"] == modality], photons), ""]
+    return lines
 
 
 # ----------------------------------------------------------------------------- figures
@@ -174,20 +243,21 @@ def _save_figure(path: Path, fig) -> Path:
 
 def plot_vs_level(path: Path, summary, noise_type: str = "gaussian") -> Path:
     """PSNR / SSIM (whole and body) against the noise level, one line per method, one
-    row per modality; i0 on a log axis."""
+    row per (set, modality); i0 on a log axis."""
     plt = _pyplot()
     panels = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("psnr_masked", "PSNR body (dB)"),
               ("ssim_masked", "SSIM body"))
     photons = level_name(noise_type) == "i0"
-    modalities = list(dict.fromkeys(e["modality"] for e in summary))
+    groups = list(dict.fromkeys((e.get("set", SAME_SUBJECT), e["modality"]) for e in summary))
     methods = list(dict.fromkeys(e["method"] for e in summary))
-    fig, axes = plt.subplots(len(modalities), len(panels), figsize=(4 * len(panels), 3.2 * len(modalities)),
+    fig, axes = plt.subplots(len(groups), len(panels), figsize=(4 * len(panels), 3.2 * len(groups)),
                              squeeze=False)
-    for r, modality in enumerate(modalities):
+    for r, (group, modality) in enumerate(groups):
         for c, (key, label) in enumerate(panels):
             ax = axes[r, c]
             for method in methods:
-                sel = [e for e in summary if e["modality"] == modality and e["method"] == method]
+                sel = [e for e in summary if (e.get("set", SAME_SUBJECT), e["modality"]) == (group, modality)
+                       and e["method"] == method]
                 xs = [e["sigma"] for e in sel]
                 ys = [e[key] if np.isfinite(e[key]) else np.nan for e in sel]
                 ax.plot(xs, ys, marker="o", label=method)
@@ -197,7 +267,7 @@ def plot_vs_level(path: Path, summary, noise_type: str = "gaussian") -> Path:
             else:
                 ax.set_xlabel("sigma ([0,1] scale)")
             ax.set_ylabel(label)
-            ax.set_title(f"{modality.upper()}: {label}")
+            ax.set_title(f"{group} {modality.upper()}: {label}", fontsize=10)
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
@@ -231,7 +301,8 @@ def plot_examples(path: Path, examples, noise_type: str = "gaussian") -> Path:
                 im = ax.imshow(std, cmap="magma", vmin=0.0)
                 fig.colorbar(im, ax=ax, fraction=0.046)
             ax.set_title(f"{m}\nstd ([0,1])", fontsize=8)
-        axes[r, 0].set_ylabel(f"{s['modality'].upper()} {s['source']}\nz={s['slice_index']}", fontsize=8)
+        axes[r, 0].set_ylabel(f"{slice_set(s)} {s['modality'].upper()}\n{s['source']} z={s['slice_index']}",
+                              fontsize=8)
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])

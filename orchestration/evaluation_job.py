@@ -1,14 +1,28 @@
-"""From a run config to the evaluation: test slices of the data module, denoisers, ``evaluate``."""
+"""From a run config to the evaluation: test slices of the data module and of the unseen
+test volumes, denoisers, ``evaluate``."""
 from __future__ import annotations
 
+import hashlib
+import shutil
+import tempfile
 import warnings
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from diffusion_modules.diffusion_utils.datamodule import infer_modality
 from metrics.denoisers import build_denoiser, plain_dict
 from metrics.evaluation import evaluate
+from metrics.reporting import UNSEEN
+from utils.planes import ACQUISITION, PLANES, acquisition_plane, cut_plane
+from utils.volume_io import is_nifti, load_volume, source_stem
 from utils.initialize_configs import instantiate_from_configs
+from utils.intensity import MODALITIES, check_modality, normalize
+from utils.paths import resolve_path
+
+PYDICOM_PREFIX = "pydicom:"  # pydicom:CT_small.dcm = a test file shipped inside the pydicom package
+TEST_VOLUME_KEYS = ("path", "modality", "name", "label", "max_slices", "plane")
 
 
 def limit_slices(slices, max_per_source):
@@ -41,6 +55,143 @@ def evaluation_levels(ev) -> list:
     return list(sigmas if levels is None else levels)
 
 
+# ----------------------------------------------------------------------------- unseen volumes
+def volume_path(path) -> Path:
+    """Path of a config volume: ``pydicom:<file>`` is one of the test files inside the
+    installed pydicom package (``pydicom.data.get_testdata_file``, never downloaded);
+    anything else is read like the data module does (relative to the repository root)."""
+    text = str(path)
+    if not text.startswith(PYDICOM_PREFIX):
+        return resolve_path(text)
+    from pydicom.data import get_testdata_file
+
+    name = text[len(PYDICOM_PREFIX):]
+    found = get_testdata_file(name, download=False) if name else None
+    if found is None:
+        raise FileNotFoundError(f"{text}: the installed pydicom ships no test file {name!r}")
+    return Path(found)
+
+
+def parse_test_volumes(entries, default_max) -> list[dict]:
+    """``evaluation.test_volumes`` entries (a path string or {path, modality, name, label,
+    max_slices, plane}) as dicts with every key; names unique."""
+    out = []
+    for entry in entries or []:
+        if isinstance(entry, (str, Path)):
+            entry = {"path": entry}
+        elif hasattr(entry, "items"):
+            entry = {k: entry[k] for k in entry}
+        else:
+            raise ValueError(f"evaluation.test_volumes entry {entry!r} must be a path or a mapping")
+        unknown = set(entry) - set(TEST_VOLUME_KEYS)
+        if "path" not in entry or unknown:
+            raise ValueError(f"evaluation.test_volumes entry {entry!r}: needs key 'path', allows only "
+                             f"{', '.join(TEST_VOLUME_KEYS)}")
+        path = volume_path(entry["path"])
+        name = entry.get("name") or source_stem(path)
+        name = name[:-4] if name.lower().endswith(".dcm") else name
+        plane = str(entry.get("plane") or ACQUISITION).lower()
+        if plane not in PLANES + (ACQUISITION,):
+            raise ValueError(f"evaluation.test_volumes entry {name!r}: plane {plane!r} is not one of "
+                             f"{PLANES + (ACQUISITION,)}")
+        out.append({
+            "path": path, "name": str(name), "label": entry.get("label"), "plane": plane,
+            "modality": check_modality(entry["modality"]) if entry.get("modality") else None,
+            "max_slices": entry["max_slices"] if "max_slices" in entry else default_max,
+        })
+    names = [t["name"] for t in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"evaluation.test_volumes names must be unique, got {names}")
+    return out
+
+
+def training_volume_paths(cfg) -> list[Path]:
+    """The volume paths of the data section (``data.params.volumes``; none if absent)."""
+    params = (cfg.get("data") or {}).get("params") or {}
+    volumes = params.get("volumes") or []
+    volumes = [volumes] if isinstance(volumes, (str, Path)) else volumes
+    paths = [v.get("path") if hasattr(v, "get") else v for v in volumes]
+    return [volume_path(p) for p in paths if p is not None]
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def refuse_training_volumes(tests, train_paths) -> None:
+    """ValueError naming both when a test volume has the path of a training volume, or
+    shares a file's content (sha256 of the bytes: an identical NIfTI, or a DICOM file of
+    a training series) with one. Only training files of a size some test file has are
+    hashed."""
+    test_files = {t["name"]: [(f, f.stat().st_size) for f in _files(t["path"])] for t in tests}
+    sizes = {size for files in test_files.values() for _, size in files}
+    digests = {}
+
+    def digest(f):
+        if f not in digests:
+            digests[f] = _sha256(f)
+        return digests[f]
+
+    for t in tests:
+        for train in train_paths:
+            if t["path"].resolve() == train.resolve():
+                raise ValueError(f"evaluation.test_volumes entry {t['name']!r} ({t['path']}) is the training "
+                                 f"volume {train} of the data section (same path): test volumes must be "
+                                 "volumes no training split touches")
+            train_digests = {digest(f) for f in _files(train) if f.stat().st_size in sizes}
+            shared = {digest(f) for f, _ in test_files[t["name"]]} & train_digests
+            if shared:
+                raise ValueError(f"evaluation.test_volumes entry {t['name']!r} ({t['path']}) has the content of "
+                                 f"the training volume {train} of the data section (sha256 "
+                                 f"{min(shared)[:12]}...): test volumes must be volumes no training split touches")
+
+
+def load_test_volume(path: Path):
+    """``utils.create_training_images.load_volume`` of a NIfTI file, a DICOM series folder
+    or a single DICOM file (read as a series of one slice): RAS array, zooms, DICOM modality."""
+    if path.is_dir() or is_nifti(path) or not path.exists():
+        return load_volume(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        link = Path(tmp) / path.name
+        try:
+            link.symlink_to(path.resolve())
+        except OSError:
+            shutil.copyfile(path, link)
+        try:
+            return load_volume(tmp)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from None
+
+
+def unseen_slices(tests) -> list[dict]:
+    """Clean [0,1] slices of the test volumes (the project's loader, plane cut and
+    normalization, as for training data), ``max_slices`` evenly spaced per volume,
+    with set "unseen" and the entry's label."""
+    out = []
+    for t in tests:
+        ras, zooms, found = load_test_volume(t["path"])
+        modality = t["modality"] or (found if found in MODALITIES else None) or infer_modality(t["path"])
+        plane = acquisition_plane(zooms) if t["plane"] == ACQUISITION else t["plane"]
+        volume, spacing = cut_plane(ras, zooms, plane)
+        x01, norm = normalize(volume, modality)
+        slices = [{"clean": x01[z], "source": t["name"], "modality": modality, "slice_index": z,
+                   "spacing": spacing, "norm": dict(norm), "set": UNSEEN, "label": t["label"]}
+                  for z in range(x01.shape[0])]
+        for s in limit_slices(slices, t["max_slices"]):
+            out.append({**s, "clean": np.array(s["clean"], dtype=np.float32)})
+    return out
+
+
 def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> dict:
     """Config -> test slices -> denoisers -> ``evaluate``.
 
@@ -49,7 +200,13 @@ def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> 
       gaussian/rician, i0 photons for lowdose_ct; ``levels`` wins when both are set),
       noise_seed, max_slices_per_source (int|null), methods (list of {name, type, params,
       sigma}), n_examples, and optionally noise_type ("gaussian"), noise_params (other
-      noise model parameters, e.g. {n_angles: 180}) and save_predictions (true).
+      noise model parameters, e.g. {n_angles: 180}), save_predictions (true) and
+      test_volumes: volumes no training split touches (path string or {path, modality,
+      name, label, max_slices, plane}; NIfTI, DICOM folder, a DICOM file or
+      ``pydicom:<test file>``), scored as the set "unseen" beside the data module's
+      test slabs ("same-subject"). A test volume with the path or the content of a
+      volume of ``data.params.volumes`` is refused (ValueError). With lowdose_ct noise,
+      non-CT test volumes are skipped with a warning.
     sampling: defaults for every ddpm method's ``denoise`` arguments (a method's own
       params win).
     models: loaded models by key ("ddpm", "unet", "ddpm_pretrained", ...); methods whose
@@ -66,11 +223,21 @@ def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> 
         raise ValueError("config has no 'data' section")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    noise_type = str(ev.get("noise_type", "gaussian"))
+    tests = parse_test_volumes(ev.get("test_volumes"), ev.get("max_slices_per_source"))
+    refuse_training_volumes(tests, training_volume_paths(cfg))
 
     datamodule = instantiate_from_configs(cfg["data"], "data", allow_targets=cfg.get("allow_targets"))
     datamodule.prepare_data()
     datamodule.setup("test")
     slices = limit_slices(datamodule.test_slices(), ev.get("max_slices_per_source"))
+    unseen = unseen_slices(tests)
+    if noise_type == "lowdose_ct":
+        skipped = sorted({s["source"] for s in unseen if s["modality"] != "ct"})
+        if skipped:
+            warnings.warn(f"lowdose_ct noise needs CT slices: skipping the test volume(s) {skipped}")
+        unseen = [s for s in unseen if s["modality"] == "ct"]
+    slices += unseen
 
     sampling = plain_dict(cfg.get("sampling") or {})
     denoisers = []
@@ -90,7 +257,7 @@ def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> 
         levels,
         out_dir,
         noise_seed=int(ev.get("noise_seed", 0)),
-        noise_type=str(ev.get("noise_type", "gaussian")),
+        noise_type=noise_type,
         save_predictions=bool(ev.get("save_predictions", True)),
         n_examples=int(ev.get("n_examples", 1)),
         noise_params=plain_dict(ev.get("noise_params") or {}),

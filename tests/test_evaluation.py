@@ -220,6 +220,14 @@ def test_gaussian_results_table_keeps_its_columns(run):
     assert all(r["noise_std"] == r["sigma"] for r in rows)
 
 
+def test_slices_without_a_set_are_same_subject(run):
+    assert {r["set"] for r in read_csv(run["out"] / "scores.csv")} == {"same-subject"}
+    assert {e["set"] for e in run["result"]["summary"]} == {"same-subject"}
+    text = (run["out"] / "results.md").read_text()
+    assert text.index("## Same-subject slabs") < text.index("### CT (2 slices") < text.index("## Unseen volumes")
+    assert "Highest mean body PSNR: sigma 0.05: " in text
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -128,7 +128,11 @@ def test_checkpoint_is_the_trained_conditional_model(main_job):
 
 
 def test_scores_csv_numbers(main_job):
-    rows = read_scores(main_job["run"] / "evaluation" / "scores.csv")
+    all_rows = read_scores(main_job["run"] / "evaluation" / "scores.csv")
+    # the bundled config's evaluation.test_volumes are scored too, as the set "unseen"
+    assert {r["source"] for r in all_rows if r["set"] == "unseen"} == {
+        "pydicom_ct_small", "pydicom_mr_small", "mr_colin27_t1_0.5mm"}
+    rows = [r for r in all_rows if r["set"] == "same-subject"]
     methods = {r["method"] for r in rows}
     assert methods == {"noisy input", "NLM", "U-Net", "DDPM DDIM 2 from t*"}
     assert {r["modality"] for r in rows} == {"ct", "mr"}
@@ -155,6 +159,7 @@ def test_scores_csv_numbers(main_job):
         assert float(r["psnr"]) == pytest.approx(-10 * np.log10(mse), abs=1e-3)
     md = (main_job["run"] / "evaluation" / "results.md").read_text()
     assert "DDPM DDIM 2 from t*" in md and "NLM" in md and "## CT" in md and "## MR" in md
+    assert md.index("## Same-subject slabs") < md.index("## Unseen volumes")
 
 
 def test_evaluate_script_rescores_the_checkpoint(main_job, tmp_path):

@@ -5,11 +5,18 @@ Writes, next to this script:
                         uint8 scanner units as shipped, 1 mm isotropic, RAS orientation.
   ct_cranium.nii.gz     Cranium head CT (invesalius-examples, GPL-2): 48 axial slices,
                         int16 HU, 0.957 x 0.957 x 1.5 mm, RAS orientation.
-Axial slices are on the last array axis of both files.
+  mr_colin27_t1_0.5mm_test.nii.gz
+                        Colin27 at 0.5 mm (mricron-data ch2better, BSD-3-clause, skull
+                        stripped): the axial slab at the world positions of the bundled
+                        MR's test slab (z = 27..32 mm), cropped in-plane to the head's
+                        bounding box, uint8 as shipped, 0.5 mm isotropic, RAS. An unseen
+                        test volume (evaluation.test_volumes), never a training volume.
+Axial slices are on the last array axis of every file.
 
 Usage (no root needed; runs `apt-get update` once if the download fails):
     .venv/bin/python run_scripts/data/build_bundled_data.py [--out DIR] [--full]
---full keeps every slice (181 MR, 108 CT slices) for full-size experiments.
+--full keeps every slice (181 MR, 108 CT slices) for full-size experiments; the 0.5 mm
+test slab is the same slab either way.
 """
 
 import argparse
@@ -28,7 +35,12 @@ import numpy as np
 PACKAGES = ("mricron-data", "invesalius-examples")
 MR_MEMBER = "usr/share/mricron/templates/ch2.nii.gz"
 CT_MEMBER = "usr/share/doc/invesalius-examples/examples/Cranium.inv3"
+MR_05MM_MEMBER = "usr/share/mricron/templates/ch2better.nii.gz"
 MR_SLICES = (56, 104)  # axial block through the lateral ventricles, 1 mm apart
+# The test slab of the bundled MR under the default split (slab, fractions 0.7/0.15/0.15,
+# gap 4): its slices 42-47 of 48, i.e. ch2.nii.gz slices 98-103 (z = 27..32 mm).
+MR_TEST_SLAB = (98, 104)
+CROP_MARGIN = 4  # voxels kept around the head's bounding box in the 0.5 mm slab
 CT_SLICES = (40, 88)  # axial block through the brain, 1.5 mm apart
 
 
@@ -65,6 +77,28 @@ def build_mr(root: Path, target: Path, full: bool) -> None:
     data = np.asarray(src.dataobj)[:, :, lo:hi].astype(np.uint8)
     affine = src.affine.copy()
     affine[:3, 3] = src.affine[:3, :3] @ np.array([0, 0, lo]) + src.affine[:3, 3]
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_data_dtype(np.uint8)
+    img.header.set_xyzt_units("mm")
+    atomic_save(img, target)
+
+
+def build_mr_05mm(root: Path, target: Path) -> None:
+    """Cut the slab of ch2better (Colin27 at 0.5 mm, RAS, uint8) that covers the world z
+    range of the bundled MR's test slab; crop it in-plane to the nonzero voxels plus
+    CROP_MARGIN. The voxel values are kept as shipped."""
+    ref = nib.load(root / MR_MEMBER)
+    src = nib.load(root / MR_05MM_MEMBER)
+    world_z = [(ref.affine @ np.array([0, 0, k, 1.0]))[2] for k in (MR_TEST_SLAB[0], MR_TEST_SLAB[1] - 1)]
+    inv = np.linalg.inv(src.affine)
+    z0, z1 = (int(round((inv @ np.array([0, 0, z, 1.0]))[2])) for z in world_z)
+    slab = np.asarray(src.dataobj)[:, :, z0 : z1 + 1].astype(np.uint8)
+    nonzero = np.argwhere(slab.max(axis=2) > 0)
+    lo = np.maximum(nonzero.min(axis=0) - CROP_MARGIN, 0)
+    hi = np.minimum(nonzero.max(axis=0) + CROP_MARGIN + 1, slab.shape[:2])
+    data = np.ascontiguousarray(slab[lo[0] : hi[0], lo[1] : hi[1]])
+    affine = src.affine.copy()
+    affine[:3, 3] = src.affine[:3, :3] @ np.array([lo[0], lo[1], z0]) + src.affine[:3, 3]
     img = nib.Nifti1Image(data, affine)
     img.header.set_data_dtype(np.uint8)
     img.header.set_xyzt_units("mm")
@@ -109,7 +143,8 @@ def main() -> None:
         root = fetch_packages(Path(tmp))
         build_mr(root, args.out / "mr_colin27_t1.nii.gz", args.full)
         build_ct(root, args.out / "ct_cranium.nii.gz", args.full)
-    for name in ("mr_colin27_t1.nii.gz", "ct_cranium.nii.gz"):
+        build_mr_05mm(root, args.out / "mr_colin27_t1_0.5mm_test.nii.gz")
+    for name in ("mr_colin27_t1.nii.gz", "ct_cranium.nii.gz", "mr_colin27_t1_0.5mm_test.nii.gz"):
         img = nib.load(args.out / name)
         print(f"{name}: shape {img.shape}, {img.get_data_dtype()}, spacing {img.header.get_zooms()} mm")
 
