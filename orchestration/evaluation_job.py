@@ -192,6 +192,15 @@ def unseen_slices(tests) -> list[dict]:
     return out
 
 
+def checked_test_volumes(cfg) -> list[dict]:
+    """The parsed ``evaluation.test_volumes`` of a run config, none of them a training volume
+    (ValueError otherwise); cheap, so the main job calls it before training."""
+    ev = cfg.get("evaluation") or {}
+    tests = parse_test_volumes(ev.get("test_volumes"), ev.get("max_slices_per_source"))
+    refuse_training_volumes(tests, training_volume_paths(cfg))
+    return tests
+
+
 def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> dict:
     """Config -> test slices -> denoisers -> ``evaluate``.
 
@@ -224,8 +233,7 @@ def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     noise_type = str(ev.get("noise_type", "gaussian"))
-    tests = parse_test_volumes(ev.get("test_volumes"), ev.get("max_slices_per_source"))
-    refuse_training_volumes(tests, training_volume_paths(cfg))
+    tests = checked_test_volumes(cfg)
 
     datamodule = instantiate_from_configs(cfg["data"], "data", allow_targets=cfg.get("allow_targets"))
     datamodule.prepare_data()

@@ -7,9 +7,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.supervised_unet import SupervisedUNet
 from orchestration.checkpoints import pretrained_models
+from orchestration.evaluation_job import checked_test_volumes, run_evaluation
+from orchestration.training import make_run_dir, train
 from utils.initialize_configs import load_config
 from utils.paths import resolve_path
-from orchestration.training import make_run_dir, train
 
 
 def train_unet_baseline(cfg: DictConfig, run_dir: Path) -> SupervisedUNet:
@@ -31,14 +32,14 @@ def run_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
     ev = cfg.get("evaluation")
     evaluate = ev is not None and ev.get("enabled", True)
     models = pretrained_models(ev, cfg.get("allow_targets")) if evaluate else {}  # a missing checkpoint fails before training
+    if evaluate:
+        checked_test_volumes(cfg)  # a test volume that is also a training volume fails before training
     run_dir = make_run_dir(cfg)
     model, _, ckpt = train(cfg, run_dir, resume=resume)
     result = {"run_dir": run_dir, "checkpoint": ckpt}
     if not evaluate:
         print(f"run folder: {run_dir}\ncheckpoint: {ckpt}")
         return result
-    from orchestration.evaluation_job import run_evaluation
-
     models["unet" if isinstance(model, SupervisedUNet) else "ddpm"] = model.eval()
     if ev.get("unet_config") and not isinstance(model, SupervisedUNet):
         models["unet"] = train_unet_baseline(cfg, run_dir)

@@ -230,3 +230,15 @@ def test_lowdose_ct_skips_mr_test_volumes(tmp_path, tiny_data):
     with pytest.warns(UserWarning, match=r"skipping the test volume\(s\) \['MR_small'\]"):
         result = run_evaluation(cfg, {}, out_dir=tmp_path / "out", device="cpu")
     assert {r["source"] for r in read_csv(result["scores_csv"])} == {"ct_train", "test_ct"}
+
+
+def test_main_job_refuses_a_training_volume_as_test_volume_before_training(tmp_path):
+    from orchestration.run_job import run_job
+    from utils.initialize_configs import load_config
+
+    cfg = load_config(ROOT / "run_scripts" / "configs" / "ddpm-cond" / "bundled_ct_mr.yaml",
+                      ["evaluation.test_volumes=[run_scripts/data/ct_cranium.nii.gz]",
+                       f"logging.save_dir={tmp_path / 'runs'}"])
+    with pytest.raises(ValueError, match="ct_cranium"):
+        run_job(cfg)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
