@@ -7,6 +7,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from models.supervised_unet import SupervisedUNet
 from orchestration.checkpoints import pretrained_models
+from orchestration.config_checks import check_run_config
 from orchestration.evaluation_job import checked_test_volumes, run_evaluation
 from orchestration.training import make_run_dir, train
 from utils.initialize_configs import load_config
@@ -27,6 +28,7 @@ def train_unet_baseline(cfg: DictConfig, run_dir: Path) -> SupervisedUNet:
 def run_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
     """Train ``cfg.model`` on ``cfg.data`` (continuing ``resume`` if given); evaluate when
     ``evaluation.enabled``. Returns the paths written."""
+    check_run_config(cfg)  # every key, before anything is written
     if resume is not None and not Path(resume).is_file():
         raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
     ev = cfg.get("evaluation")

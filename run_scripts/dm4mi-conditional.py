@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.initialize_configs import ConfigError, load_config  # noqa: E402
+from orchestration.config_checks import check_run_config  # noqa: E402
 from orchestration.run_job import run_job  # noqa: E402
 
 
@@ -26,6 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        check_run_config(cfg)
     except ConfigError as err:
         parser.error(str(err))
     try:

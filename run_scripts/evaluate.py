@@ -42,10 +42,12 @@ def main(argv=None) -> dict:
     from models.ddpm_conditioned import ConditionDDPM
     from models.supervised_unet import SupervisedUNet
     from orchestration.checkpoints import load_checkpoint, pretrained_models
+    from orchestration.config_checks import check_run_config
     from utils.initialize_configs import load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
+        check_run_config(cfg)
         allow = cfg.get("allow_targets")
         models = pretrained_models(cfg.get("evaluation", {}), allow_targets=allow)
         for key, cls, path in (("ddpm", ConditionDDPM, args.ckpt), ("unet", SupervisedUNet, args.unet_ckpt),
