@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_modules.diffusion_utils.datamodule import infer_modality
+from diffusion_modules.diffusion_utils.datamodule import infer_modality, volume_entry
 from metrics.denoisers import build_denoiser, plain_dict
 from metrics.evaluation import evaluate
 from metrics.reporting import UNSEEN
-from utils.planes import ACQUISITION, PLANES, acquisition_plane, cut_plane
-from utils.volume_io import is_nifti, load_volume, source_stem
 from utils.initialize_configs import instantiate_from_configs
 from utils.intensity import MODALITIES, check_modality, normalize
 from utils.paths import resolve_path
+from utils.planes import ACQUISITION, PLANES, acquisition_plane, cut_plane
+from utils.volume_io import is_nifti, load_volume, source_stem
 
 PYDICOM_PREFIX = "pydicom:"  # pydicom:CT_small.dcm = a test file shipped inside the pydicom package
 TEST_VOLUME_KEYS = ("path", "modality", "name", "label", "max_slices", "plane")
@@ -77,16 +77,7 @@ def parse_test_volumes(entries, default_max) -> list[dict]:
     max_slices, plane}) as dicts with every key; names unique."""
     out = []
     for entry in entries or []:
-        if isinstance(entry, (str, Path)):
-            entry = {"path": entry}
-        elif hasattr(entry, "items"):
-            entry = {k: entry[k] for k in entry}
-        else:
-            raise ValueError(f"evaluation.test_volumes entry {entry!r} must be a path or a mapping")
-        unknown = set(entry) - set(TEST_VOLUME_KEYS)
-        if "path" not in entry or unknown:
-            raise ValueError(f"evaluation.test_volumes entry {entry!r}: needs key 'path', allows only "
-                             f"{', '.join(TEST_VOLUME_KEYS)}")
+        entry = volume_entry(entry, TEST_VOLUME_KEYS, "evaluation.test_volumes")
         path = volume_path(entry["path"])
         name = entry.get("name") or source_stem(path)
         name = name[:-4] if name.lower().endswith(".dcm") else name

@@ -46,17 +46,24 @@ def infer_modality(path: Path) -> str:
     return found.pop()
 
 
-def parse_volume(entry) -> dict:
-    """Normalize a volumes entry (path string or {path, modality, name}) to a dict."""
+def volume_entry(entry, allowed: tuple[str, ...], where: str) -> dict:
+    """A volume list entry (a path, or a mapping with 'path' and some of ``allowed``) as a
+    dict; ValueError naming ``where`` (the config list) otherwise."""
     if isinstance(entry, (str, Path)):
         entry = {"path": entry}
     elif hasattr(entry, "items"):
         entry = {k: entry[k] for k in entry}
     else:
-        raise ValueError(f"volumes entry {entry!r} must be a path or a {{path, modality, name}} mapping")
-    unknown = set(entry) - {"path", "modality", "name"}
+        raise ValueError(f"{where} entry {entry!r} must be a path or a mapping with keys {', '.join(allowed)}")
+    unknown = set(entry) - set(allowed)
     if "path" not in entry or unknown:
-        raise ValueError(f"volumes entry {entry!r}: needs key 'path', allows only path/modality/name")
+        raise ValueError(f"{where} entry {entry!r}: needs key 'path', allows only {', '.join(allowed)}")
+    return entry
+
+
+def parse_volume(entry) -> dict:
+    """Normalize a volumes entry (path string or {path, modality, name}) to a dict."""
+    entry = volume_entry(entry, ("path", "modality", "name"), "volumes")
     path = resolve_path(entry["path"])
     if path.suffix.lower() == ".h5":
         return {"path": path, "h5": True, "name": entry.get("name") or source_stem(path)}
