@@ -1,0 +1,40 @@
+"""The sampling study's rows: every NFE/K row is a PSNR, and the calibration numbers are
+a correlation and a fraction."""
+import argparse
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from models.ddpm_conditioned import ConditionDDPM
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_study():
+    spec = importlib.util.spec_from_file_location("sampling_study", ROOT / "run_scripts" / "sampling_study.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_study_slice_rows():
+    study = load_study()
+    model = ConditionDDPM.load_from_checkpoint(str(ROOT / "pretrained" / "cdm4mi_bundled_ct_mr.ckpt"), map_location="cpu").eval()
+    yy, xx = np.mgrid[:32, :32]
+    clean = np.where((yy - 16) ** 2 + (xx - 16) ** 2 < 150, 0.6, 0.0) + 0.2 * (xx / 32)
+    sigma = 0.02  # t* is small, so the ancestral row from t* is cheap
+    noisy = (clean + sigma * np.random.default_rng(0).standard_normal(clean.shape)).astype(np.float32)
+    args = argparse.Namespace(nfe=[1, 2], k=[1, 3], k_steps=1)
+    out = study.study_slice(model, clean, noisy, sigma, args, ancestral_from_noise=False)
+    t_star = model.start_timestep("auto", sigma)
+    expected = {("DDIM eta 0 from t*", 1), ("DDIM eta 0 from t*", 2), ("DDIM eta 0 from pure noise", 1),
+                ("DDIM eta 0 from pure noise", 2), ("ancestral DDPM from t*", t_star + 1),
+                ("mean of K, eta 1, 1 steps", 1), ("mean of K, eta 1, 1 steps", 3)}
+    assert set(out) - {"calibration"} == expected
+    # the matched start keeps the image; pure noise through a model trained on t <= 400 does not
+    assert out[("DDIM eta 0 from t*", 1)] > out[("DDIM eta 0 from pure noise", 1)] + 10
+    assert all(np.isfinite(v) for k, v in out.items() if k != "calibration")
+    corr, within = out["calibration"]
+    assert -1 <= corr <= 1 and 0 < within <= 1
