@@ -164,9 +164,10 @@ class ConditionDDPM(DDPM):
             raise ValueError("noisy input contains NaN or inf values")
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        if n_samples > 1 and t_start is not None and sampler == "ddim" and not eta:
-            raise ValueError(f"n_samples={n_samples} from the matched start with eta=0 would draw {n_samples} "
-                             "identical samples (the chain is deterministic); use eta > 0 (e.g. 1.0) or n_samples=1")
+        if n_samples > 1 and t_start is not None and sampler == "ddim" and (not eta or steps == 1):
+            raise ValueError(f"n_samples={n_samples} from the matched start with eta={eta or 0} and steps={steps} "
+                             f"would draw {n_samples} identical samples (the chain is deterministic: eta 0, or one "
+                             "step straight to x0); use eta > 0 and steps >= 2, or n_samples=1")
         noisy = noisy.to(self.device, torch.float32)
         repeated = noisy.repeat_interleave(n_samples, dim=0)
         outs = [self.sample(chunk, sampler, steps, eta, spacing, t_start, sigma, guidance_scale, generator)

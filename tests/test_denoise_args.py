@@ -65,6 +65,8 @@ def test_images_smaller_than_the_unet_size_factor_are_refused(model):
 def test_identical_ensembles_are_refused_and_stochastic_ones_differ(model):
     with pytest.raises(ValueError, match="identical samples"):
         model.denoise(noisy(), steps=3, t_start="auto", sigma=0.1, n_samples=4)
+    with pytest.raises(ValueError, match="identical samples"):  # one step lands on x0 without noise
+        model.denoise(noisy(), steps=1, t_start="auto", sigma=0.1, n_samples=4, eta=1.0)
     mean, std = model.denoise(noisy(), steps=3, t_start="auto", sigma=0.1, n_samples=4, eta=1.0,
                               return_std=True, generator=torch.Generator().manual_seed(0))
     assert std.min() >= 0 and std.mean() > 1e-4

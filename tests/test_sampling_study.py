@@ -26,12 +26,12 @@ def test_study_slice_rows():
     clean = np.where((yy - 16) ** 2 + (xx - 16) ** 2 < 150, 0.6, 0.0) + 0.2 * (xx / 32)
     sigma = 0.02  # t* is small, so the ancestral row from t* is cheap
     noisy = (clean + sigma * np.random.default_rng(0).standard_normal(clean.shape)).astype(np.float32)
-    args = argparse.Namespace(nfe=[1, 2], k=[1, 3], k_steps=1)
+    args = argparse.Namespace(nfe=[1, 2], k=[1, 3], k_steps=2)
     out = study.study_slice(model, clean, noisy, sigma, args, ancestral_from_noise=False)
     t_star = model.start_timestep("auto", sigma)
     expected = {("DDIM eta 0 from t*", 1), ("DDIM eta 0 from t*", 2), ("DDIM eta 0 from pure noise", 1),
                 ("DDIM eta 0 from pure noise", 2), ("ancestral DDPM from t*", t_star + 1),
-                ("mean of K, eta 1, 1 steps", 1), ("mean of K, eta 1, 1 steps", 3)}
+                ("mean of K, eta 1, 2 steps", 1), ("mean of K, eta 1, 2 steps", 3)}
     assert set(out) - {"calibration"} == expected
     # the matched start keeps the image; pure noise through a model trained on t <= 400 does not
     assert out[("DDIM eta 0 from t*", 1)] > out[("DDIM eta 0 from pure noise", 1)] + 10
