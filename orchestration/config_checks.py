@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any
 
 import lightning.pytorch as pl
 from omegaconf import OmegaConf

@@ -1,4 +1,7 @@
-"""Synthetic NIfTI volumes and a tiny model config shared by the tests."""
+"""Helpers shared by the tests: synthetic volumes and DICOM slices, a tiny model config, run_scripts loading."""
+import importlib.util
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 
@@ -53,3 +56,12 @@ def write_dicom_slice(path, series_uid, position, orientation=(1, 0, 0, 0, 1, 0)
     ds.PixelData = pixels.tobytes()
     ds.save_as(str(path), enforce_file_format=True)
     return path
+
+
+def load_script(filename: str):
+    """A script of run_scripts/ (file names with dashes included) as a module."""
+    path = Path(__file__).resolve().parents[1] / "run_scripts" / filename
+    spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

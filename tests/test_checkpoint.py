@@ -4,8 +4,6 @@ sample identically for a fixed generator. Unconditional DDPM.sample works."""
 import shutil
 
 import lightning.pytorch as pl
-import nibabel as nib
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from synthetic import UNET, tiny_model_cfg
+from synthetic import tiny_model_cfg
 from utils.initialize_configs import (ConfigError, get_obj_from_str, instantiate_from_configs, load_config,
                                       validate_target_config)
 

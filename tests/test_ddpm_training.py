@@ -5,7 +5,6 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from models.ddpm_conditioned import NULL_CONDITION, ConditionDDPM

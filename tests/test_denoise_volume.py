@@ -1,6 +1,5 @@
 """run_scripts/denoise.py and orchestration.volume_denoiser: geometry and units kept, DICOM in,
 tiling without seams, the noise estimate, errors that name the problem."""
-import importlib.util
 from pathlib import Path
 
 import nibabel as nib
@@ -12,7 +11,7 @@ from pydicom.uid import generate_uid
 from metrics.denoisers import ModelDenoiser
 from models.ddpm_conditioned import ConditionDDPM
 from orchestration.volume_denoiser import denoise_slices, denoise_volume, estimate_noise_sigma
-from synthetic import write_dicom_slice
+from synthetic import load_script, write_dicom_slice
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "pretrained" / "cdm4mi_bundled_ct_mr.ckpt"
@@ -38,12 +37,6 @@ def write_nifti(path, data, affine):
     nib.save(nib.Nifti1Image(data, affine), str(path))
     return path
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("denoise_script", ROOT / "run_scripts" / "denoise.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_nifti_round_trip_keeps_shape_affine_and_hu(model, tmp_path):
@@ -144,7 +137,7 @@ def test_noise_estimate_on_a_smooth_image(sigma):
 
 
 def test_cli_prints_the_estimate_and_refuses_bad_inputs(tmp_path, capsys):
-    script = load_script()
+    script = load_script("denoise.py")
     src = write_nifti(tmp_path / "ct.nii.gz", head(), np.diag([0.9, 0.9, 2.5, 1.0]))
     info = script.main(["--ckpt", str(CKPT), "--input", str(src), "--output", str(tmp_path / "o.nii.gz"),
                         "--modality", "ct", "--steps", "2"])

@@ -4,7 +4,6 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from diffusion_modules.diffusion_utils.beta_schedule import make_beta_schedule
 from models.ddim import DDIMSampler, ddim_timesteps
 from models.ddpm_conditioned import ConditionDDPM
 from models.ddpm_st_diffusion import DDPM

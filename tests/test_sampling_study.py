@@ -1,26 +1,18 @@
 """The sampling study's rows: every NFE/K row is a PSNR, and the calibration numbers are
 a correlation and a fraction."""
 import argparse
-import importlib.util
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from models.ddpm_conditioned import ConditionDDPM
+from synthetic import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_study():
-    spec = importlib.util.spec_from_file_location("sampling_study", ROOT / "run_scripts" / "sampling_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_study_slice_rows():
-    study = load_study()
+    study = load_script("sampling_study.py")
     model = ConditionDDPM.load_from_checkpoint(str(ROOT / "pretrained" / "cdm4mi_bundled_ct_mr.ckpt"), map_location="cpu").eval()
     yy, xx = np.mgrid[:32, :32]
     clean = np.where((yy - 16) ** 2 + (xx - 16) ** 2 < 150, 0.6, 0.0) + 0.2 * (xx / 32)

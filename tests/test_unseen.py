@@ -13,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 from pydicom.data import get_testdata_file
 
-from metrics.denoisers import ModelDenoiser, NLMDenoiser, NoisyInput
+from metrics.denoisers import NLMDenoiser, NoisyInput
 from metrics.evaluation import evaluate
 from metrics.reporting import best_methods
 from orchestration.evaluation_job import (
