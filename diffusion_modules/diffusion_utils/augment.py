@@ -3,7 +3,7 @@
 ``Augmentation.from_config(cfg)`` takes the DataModule's ``augment`` setting:
 
 - ``false`` / ``None``: nothing.
-- ``true``: random flips and rot90 only, exactly as before (``augment_pair``).
+- ``true``: random flips and rot90 only, exactly as the dataset drew them before this module.
 - a mapping with any of these keys (an absent key, ``null`` or ``false`` is off):
 
   | key | value | what it does |
@@ -20,8 +20,8 @@
 Order: rescale, flips/rot90, gamma, then contrast and brightness together
 (x -> clip(a * x ** g + b, 0, 1)). Every draw comes from the item's generator, in the
 order rescale (f, then two window positions), flips (two draws, then k), g, a, b, each
-only when its key is on; with flips alone the draws and the output are those of
-``augment_pair``.
+only when its key is on; with flips alone the draws and the output are those of the
+earlier flips/rot90 (tests/test_augment.py keeps that code as its reference).
 
 Rescale by f: output pixel i samples the source at ``centre + (i - (n - 1) / 2) / f``
 (cubic spline, result clipped to [0,1]). f < 1 shows more anatomy at coarser sampling
@@ -49,16 +49,6 @@ RANGE_LIMITS = {  # key: (smallest lo, largest hi); rescale, gamma and contrast 
 }
 KEYS = ("flips",) + tuple(RANGE_LIMITS)
 
-
-def augment_pair(clean: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random horizontal/vertical flip and rot90 (square images only) of a 2-D array."""
-    if rng.random() < 0.5:
-        clean = clean[:, ::-1]
-    if rng.random() < 0.5:
-        clean = clean[::-1, :]
-    if clean.shape[0] == clean.shape[1]:
-        clean = np.rot90(clean, k=int(rng.integers(4)))
-    return np.ascontiguousarray(clean)
 
 
 def _range(key: str, value) -> tuple[float, float] | None:
