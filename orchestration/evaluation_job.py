@@ -148,7 +148,7 @@ def refuse_training_volumes(tests, train_paths) -> None:
 
 
 def load_test_volume(path: Path):
-    """``utils.create_training_images.load_volume`` of a NIfTI file, a DICOM series folder
+    """``utils.volume_io.load_volume`` of a NIfTI file, a DICOM series folder
     or a single DICOM file (read as a series of one slice): RAS array, zooms, DICOM modality."""
     if path.is_dir() or is_nifti(path) or not path.exists():
         return load_volume(path)

@@ -152,7 +152,7 @@ def test_booleans_keep_the_old_flips(tmp_path):
         off = HDF5PatchDataset([f], noise=noise, noise_seed=3, augment=False)
         for i in range(0, len(new), 7):
             row = int(new.rows[i][1])
-            clean = plain._patches(0)[row].astype(np.float32) / 65535.0
+            clean = plain._array(0, "patches")[row].astype(np.float32) / 65535.0
             rng = np.random.default_rng([3, i])
             if getattr(noise, "per_slice", False):  # old: noisy patch, then the same flips on both
                 z, (r, c) = int(new.meta[0]["slice_index"][row]), new.meta[0]["origin"][row]

@@ -180,25 +180,20 @@ class HDF5PatchDataset(_HDF5Base):
             return cache[-1]
         return cache[int(rng.integers(len(cache)))]
 
-    def _patches(self, k: int):
-        """The patches of file k: the HDF5 dataset, or its in-memory copy when in_memory."""
-        patches = self._data(k, "patches")
+    def _array(self, k: int, name: str):
+        """Dataset ``name`` of file k: the HDF5 dataset, or its in-memory copy when in_memory."""
+        data = self._data(k, name)
         if not self.in_memory:
-            return patches
-        key = (k, "patches[()]")
+            return data
+        key = (k, name + "[()]")
         if key not in self._handles:
-            self._handles[key] = patches[()]
+            self._handles[key] = data[()]
         return self._handles[key]
 
     def _reader(self, k: int, z: int, r: int, c: int):
         """read(r0, r1, c0, c1): rows/cols of slice z of file k relative to (r, c) in [0,1],
         reflect-padded where they leave the slice (the source of the rescale)."""
-        volume = self._data(k, "volume")
-        if self.in_memory:
-            key = (k, "volume[()]")
-            if key not in self._handles:
-                self._handles[key] = volume[()]
-            volume = self._handles[key]
+        volume = self._array(k, "volume")
         rows, cols = volume.shape[1:]
 
         def read(r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
@@ -213,7 +208,7 @@ class HDF5PatchDataset(_HDF5Base):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} patches")
         k, row = (int(v) for v in self.rows[index])
-        clean = self._patches(k)[row].astype(np.float32) / UINT16_SCALE
+        clean = self._array(k, "patches")[row].astype(np.float32) / UINT16_SCALE
         rng = self._rng(index)
         z = int(self.meta[k]["slice_index"][row])
         r, c = (int(v) for v in self.meta[k]["origin"][row])
