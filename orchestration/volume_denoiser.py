@@ -101,8 +101,6 @@ def _write_like(reference, ras_values: np.ndarray, path: Path) -> Path:
     header.set_data_dtype(np.float32)
     out = nib.Nifti1Image(data, reference.affine, header)
     out.header.set_slope_inter(1.0, 0.0)
-    if not path.name.endswith((".nii", ".nii.gz")):
-        raise ValueError(f"output {path} must end in .nii or .nii.gz")
     return atomic_write(path, lambda tmp: nib.save(out, tmp))
 
 
@@ -117,6 +115,9 @@ def denoise_volume(model: ConditionDDPM, input_path, output_path, *, std_path=No
     Returns what was done: sigma ([0,1] and input units), t*, plane, slices, seconds.
     """
     start = time.time()
+    for path in (output_path, std_path):  # checked before any work, so no output is left half done
+        if path is not None and not Path(path).name.endswith((".nii", ".nii.gz")):
+            raise ValueError(f"output {path} must end in .nii or .nii.gz")
     if not isinstance(model, ConditionDDPM):
         raise TypeError(f"the checkpoint holds a {type(model).__name__}, not a ConditionDDPM")
     img, found = read_image(input_path)

@@ -149,4 +149,7 @@ def test_cli_prints_the_estimate_and_refuses_bad_inputs(tmp_path, capsys):
         script.main(["--ckpt", str(CKPT), "--input", str(tmp_path / "nope.nii.gz"), "--output", str(tmp_path / "x.nii.gz")])
     with pytest.raises(SystemExit, match="must end in .nii or .nii.gz"):
         script.main(["--ckpt", str(CKPT), "--input", str(src), "--output", str(tmp_path / "x.tif"), "--modality", "ct"])
+    with pytest.raises(SystemExit, match="std.png must end in .nii or .nii.gz"):
+        script.main(["--ckpt", str(CKPT), "--input", str(src), "--output", str(tmp_path / "x.nii.gz"),
+                     "--std", str(tmp_path / "std.png"), "--samples", "2", "--eta", "1", "--modality", "ct"])
     assert not (tmp_path / "x.nii.gz").exists() and not (tmp_path / "x.tif").exists()
