@@ -24,7 +24,7 @@ class CheckpointError(ValueError):
     """A checkpoint file cannot be read safely; the message names the file."""
 
 
-def _safe_load(source, name: str | Path, map_location="cpu") -> dict:
+def read_checkpoint(source, name: str | Path, map_location="cpu") -> dict:
     """``torch.load(source, weights_only=True)``; any failure (unreadable, empty, truncated,
     or a pickle holding objects other than tensors and plain data) is a CheckpointError
     naming ``name``."""
@@ -79,7 +79,7 @@ def load_checkpoint(cls, path: str | Path, map_location: str | torch.device = "c
         data = path.read_bytes()
     except OSError as err:
         raise CheckpointError(f"{path}: cannot read checkpoint ({err})") from err
-    ckpt = _safe_load(io.BytesIO(data), path)
+    ckpt = read_checkpoint(io.BytesIO(data), path)
     check_hyper_parameters(ckpt, path, allow_targets)
     found = checkpoint_model_class(ckpt.get("hyper_parameters") or {})
     if cls in MODEL_CLASSES and found is not cls:
@@ -99,7 +99,7 @@ def export_inference_checkpoint(src: str | Path, dst: str | Path, half: bool = T
     floating tensors stored in float16 when ``half``. Loads with ``Cls.load_from_checkpoint``.
     The file is written atomically.
     """
-    ckpt = _safe_load(src, src)
+    ckpt = read_checkpoint(src, src)
     if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"{src}: not a Lightning checkpoint (no state_dict / hyper_parameters)")
     state, hparams = ckpt["state_dict"], dict(ckpt["hyper_parameters"])

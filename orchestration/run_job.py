@@ -31,6 +31,8 @@ def run_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
     check_run_config(cfg)  # every key, before anything is written
     if resume is not None and not Path(resume).is_file():
         raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
+    if cfg.get("init_from") and not resolve_path(cfg.init_from).is_file():
+        raise FileNotFoundError(f"init_from: checkpoint not found: {resolve_path(cfg.init_from)}")
     ev = cfg.get("evaluation")
     evaluate = ev is not None and ev.get("enabled", True)
     models = pretrained_models(ev, cfg.get("allow_targets")) if evaluate else {}  # a missing checkpoint fails before training

@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from utils.atomic import atomic_write
 from orchestration.callbacks import ImageLogger, NonFiniteGuard
+from orchestration.checkpoints import CheckpointError, read_checkpoint, checkpoint_model_class, check_hyper_parameters
 from utils.initialize_configs import ConfigError, instantiate_from_configs, validate_target_config
 from utils.paths import resolve_path
 
@@ -65,6 +66,34 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         raise ConfigError(f"trainer: {err}") from err
 
 
+def init_weights(model, path: str | Path, allow_targets=None) -> None:
+    """Start ``model`` from the network weights of the checkpoint ``path`` (a full training
+    checkpoint, whose EMA weights are preferred, or an exported inference one).
+
+    Only weights move: optimizer, schedule, step count and EMA count start fresh, and the
+    EMA copy starts from the same weights. The checkpoint must hold the same model class
+    and UNet shape as ``model``; otherwise a CheckpointError names the file.
+    """
+    path = resolve_path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: checkpoint not found: {path}")
+    ckpt = read_checkpoint(path, path)
+    check_hyper_parameters(ckpt, path, allow_targets)
+    found = checkpoint_model_class(ckpt.get("hyper_parameters") or {})
+    if type(model) is not found:
+        raise CheckpointError(f"init_from: {path} holds a {found.__name__}, the run trains a {type(model).__name__}")
+    state = ckpt.get("state_dict") or {}
+    prefix = "unet_ema." if any(k.startswith("unet_ema.") for k in state) else "unet."
+    weights = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+    try:
+        model.unet.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(f"init_from: {path} does not fit the configured UNet: {str(err)[:300]}") from err
+    if getattr(model, "use_ema", False):
+        model.unet_ema.load_state_dict(model.unet.state_dict())
+    print(f"initialized the network from {path} ({prefix.rstrip('.')} weights)")
+
+
 def train(cfg: DictConfig, run_dir: Path, resume: str | Path | None = None):
     """Fit ``cfg.model`` on ``cfg.data``, continuing from the checkpoint ``resume`` if given
     (weights, EMA, optimizer, schedule and step count); returns (model with final
@@ -76,6 +105,8 @@ def train(cfg: DictConfig, run_dir: Path, resume: str | Path | None = None):
     save_config(cfg, run_dir / "config.yaml")
     datamodule = instantiate_from_configs(cfg.data, "data", allow_targets=allow)
     model = instantiate_from_configs(cfg.model, "model", allow_targets=allow)
+    if cfg.get("init_from") and not resume:
+        init_weights(model, cfg.init_from, allow)
     trainer = build_trainer(cfg, run_dir)
     # the whole resolved run config goes to the logger (the DataModule saves no hparams of
     # its own, so checkpoints carry no data paths)

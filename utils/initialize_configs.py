@@ -32,7 +32,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 #: Top-level sections a run config may hold, besides ``base`` (a config this one extends).
 #: ``allow_targets`` lists extra target prefixes a run config permits (see the module doc).
-RUN_SECTIONS = ("seed", "model", "data", "trainer", "sampling", "logging", "evaluation", "allow_targets")
+RUN_SECTIONS = ("seed", "model", "data", "trainer", "sampling", "logging", "evaluation", "allow_targets", "init_from")
 
 #: This project's packages: any class under them may be a target.
 PROJECT_PACKAGES = ("utils", "diffusion_modules", "models", "metrics", "orchestration")
