@@ -35,6 +35,7 @@ from tqdm import tqdm
 from diffusion_modules.diffusion_utils.noise import NOISE_TYPES, noise_at_level, noise_for_volume
 from metrics.denoisers import NoisyInput
 from metrics.image_metrics import ImageMetrics, body_mask
+from utils.intensity import to_physical
 from metrics.reporting import (
     SETS,
     atomic_text,
@@ -52,6 +53,8 @@ from metrics.reporting import (
 )
 
 SLICE_KEYS = ("clean", "source", "modality", "slice_index", "spacing", "norm")
+#: (level, width) in HU of the CT display window scored by ct_scores: a head CT's brain window
+CT_WINDOW = (40.0, 80.0)
 
 
 # ----------------------------------------------------------------------------- noise
@@ -246,13 +249,31 @@ def _timed(denoiser, noisy, sigma):
     return np.asarray(pred, dtype=np.float32), std, seconds
 
 
+def ct_scores(metrics, clean01, pred01, mask, norm) -> dict:
+    """CT scores in the units a radiologist reads, inside the body mask: RMSE in HU, and
+    PSNR / SSIM of the CT_WINDOW display (level 40, width 80 HU: a head CT's brain
+    window; HU clipped to [0, 80] and scaled to [0,1], data range 1)."""
+    nan = {"rmse_hu_masked": float("nan"), "psnr_ct_window": float("nan"), "ssim_ct_window": float("nan")}
+    if not mask.any():
+        return nan
+    clean_hu, pred_hu = to_physical(clean01, norm), to_physical(pred01, norm)
+    low = CT_WINDOW[0] - CT_WINDOW[1] / 2
+    window = [np.clip((x - low) / CT_WINDOW[1], 0.0, 1.0).astype(np.float32) for x in (clean_hu, pred_hu)]
+    scores = metrics.image_scores(*window, mask=mask, dynamic_range=1.0)
+    rmse = float(np.sqrt(np.mean((pred_hu[mask].astype(np.float64) - clean_hu[mask]) ** 2)))
+    return {"rmse_hu_masked": rmse, "psnr_ct_window": scores["psnr"], "ssim_ct_window": scores["ssim"]}
+
+
 def _score_row(metrics, clean, pred, mask, sigma, s, name, seconds) -> dict:
     whole = metrics.image_scores(clean, pred)
     if mask.any():
         masked = metrics.image_scores(clean, pred, mask=mask)
     else:
         masked = {"psnr": float("nan"), "ssim": float("nan"), "mae": float("nan")}
-    return {
+    nan = float("nan")
+    ct = (ct_scores(metrics, clean, pred, mask, s["norm"]) if s["modality"] == "ct" else
+          {"rmse_hu_masked": nan, "psnr_ct_window": nan, "ssim_ct_window": nan})
+    return {**ct, 
         "sigma": sigma, "source": s["source"], "modality": s["modality"],
         "slice_index": int(s["slice_index"]), "method": name,
         "psnr": whole["psnr"], "ssim": whole["ssim"], "mae": whole["mae"],

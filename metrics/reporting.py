@@ -29,8 +29,10 @@ CSV_COLUMNS = (
     "sigma", "source", "modality", "slice_index", "method",
     "psnr", "ssim", "mae", "psnr_masked", "ssim_masked", "mae_masked", "seconds",
     "noise_type", "level_unit", "noise_std", "set",
+    "rmse_hu_masked", "psnr_ct_window", "ssim_ct_window",
 )
-SCORE_KEYS = ("psnr", "ssim", "mae", "psnr_masked", "ssim_masked", "mae_masked", "seconds")
+SCORE_KEYS = ("psnr", "ssim", "mae", "psnr_masked", "ssim_masked", "mae_masked", "seconds",
+              "rmse_hu_masked", "psnr_ct_window", "ssim_ct_window")
 LEVEL_UNITS = {"sigma": "sigma (0-1 scale)", "i0": "i0 (photons)"}
 SAME_SUBJECT, UNSEEN = "same-subject", "unseen"
 SETS = (SAME_SUBJECT, UNSEEN)
