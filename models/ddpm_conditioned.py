@@ -7,12 +7,11 @@ i.e. 2*sigma in model units.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Mapping
 
 import torch
 
-from diffusion_modules.unet_arch.unet_rosinality import pad_to_multiple
+from diffusion_modules.diffusion_utils.gaussian_diffusion import extract
 from models.ddpm_st_diffusion import DDPM
 
 #: The null condition of classifier-free guidance, in model units: a constant image at -4,
@@ -30,20 +29,31 @@ class ConditionDDPM(DDPM):
     ``guidance_scale`` 1 uses the conditional prediction, 0 the unconditional one, s > 1
     extrapolates away from the unconditional one; and only such a model draws unconditional
     samples with ``sample(batch_size=...)``.
+
+    ``p_matched_start``: fraction of training examples whose x_t is the matched-start pair
+    x_t = sqrt(a_bar_t*) x_cond at t* of the example's ``sigma`` (``matched_start_pairs``), so
+    that denoising from the matched start (``start_noise="condition"``) is in distribution.
     """
 
+    unet_input_images = 2
+
     def __init__(self, *args, conditioning_key: str = "concat", p_uncond: float = 0.0,
-                 val_denoise_steps: int = 10, **kwargs):
+                 val_denoise_steps: int = 10, p_matched_start: float = 0.0, **kwargs):
         if conditioning_key != "concat":
             raise ValueError(f"conditioning_key '{conditioning_key}' unsupported; only 'concat' is implemented")
-        if not 0.0 <= p_uncond <= 1.0:
-            raise ValueError(f"p_uncond must lie in [0, 1], got {p_uncond}")
+        for name, p in (("p_uncond", p_uncond), ("p_matched_start", p_matched_start)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {p}")
         super().__init__(*args, **kwargs)
         self.p_uncond = p_uncond
+        self.p_matched_start = p_matched_start
         self.val_denoise_steps = val_denoise_steps
 
     def get_condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return batch["x_cond"]
+
+    def chain_condition(self, noisy: torch.Tensor) -> torch.Tensor:
+        return noisy
 
     def apply_model(self, x_t, t, cond=None):
         if cond is None:
@@ -71,44 +81,52 @@ class ConditionDDPM(DDPM):
         out, out_uncond = self.apply_model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([cond, null])).chunk(2)
         return out_uncond + guidance_scale * (out - out_uncond)
 
-    def p_losses(self, x0, cond, t, noise=None):
+    def p_losses(self, x0, cond, t, noise=None, x_t=None):
         if self.training and self.p_uncond > 0:
             drop = (torch.rand(cond.shape[0], device=cond.device) < self.p_uncond).reshape(-1, *([1] * (cond.ndim - 1)))
             cond = torch.where(drop, torch.full_like(cond, NULL_CONDITION), cond)
-        return super().p_losses(x0, cond, t, noise)
+        return super().p_losses(x0, cond, t, noise, x_t)
+
+    def matched_start_pairs(self, x0, y, sigma, t, generator: torch.Generator | None = None):
+        """(t, x_t, noise, picked) for a training batch: each example is picked with probability
+        ``p_matched_start`` unless its sigma is 0 or its t* lies above ``max_train_timestep``;
+        a picked one gets t = t*(sigma) and x_t = sqrt(a_bar_t*) y, its noise then being
+        (x_t - sqrt(a_bar) x0) / sqrt(1 - a_bar), so every parameterization's target matches
+        x_t; the others keep t and x_t = q_sample(x0, t, fresh noise)."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x0.device).reshape(-1).expand(x0.shape[0])
+        t_star = self.diffusion.noise_to_timesteps(2 * sigma)
+        top = self.num_timesteps - 1 if self.max_train_timestep is None else self.max_train_timestep
+        draw = torch.rand(x0.shape[0], generator=generator, device=x0.device)
+        picked = (draw < self.p_matched_start) & (sigma > 0) & (t_star <= top)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = torch.where(picked, t_star, t)
+        pick = picked.reshape(-1, *([1] * (x0.ndim - 1)))
+        x_t = torch.where(pick, extract(self.diffusion.sqrt_alphas_cumprod, t, y.ndim) * y,
+                          self.diffusion.q_sample(x0, t, noise))
+        noise = torch.where(pick, self.diffusion.noise_from_x_t(x0, x_t, t), noise)
+        return t, x_t, noise, picked
+
+    def shared_step(self, batch):
+        if not (self.training and self.p_matched_start > 0):
+            return super().shared_step(batch)
+        if "sigma" not in batch:
+            raise ValueError("p_matched_start > 0 needs each example's noise level: batches with a 'sigma' entry")
+        x0, cond = batch["x_prior"], batch["x_cond"]
+        t, x_t, noise, _ = self.matched_start_pairs(x0, cond, batch["sigma"], self.sample_timesteps(x0.shape[0]))
+        return self.p_losses(x0, cond, t, noise, x_t)
 
     # ------------------------------------------------------------------ sampling
-    def start_timestep(self, t_start, sigma: float | None) -> int | None:
-        """Resolve ``t_start``: None, an int, or "auto" (needs sigma on the [0, 1] scale)."""
-        if t_start is None:
-            return None
-        if t_start == "auto":
-            if sigma is None:
-                raise ValueError("t_start='auto' needs the noise level sigma (std on the [0, 1] scale)")
-            sigma = float(sigma)
-            if not math.isfinite(sigma) or sigma < 0:
-                raise ValueError(f"sigma must be a finite noise std >= 0 on the [0, 1] scale, got {sigma}")
-            t = self.diffusion.noise_to_timestep(2.0 * sigma)
-            top = self.num_timesteps - 1 if self.max_train_timestep is None else self.max_train_timestep
-            top_sigma = float(self.diffusion.sqrt_recipm1_alphas_cumprod[top]) / 2
-            if sigma > top_sigma:
-                warnings.warn(f"sigma={sigma:g} lies beyond the largest noise level this model was trained on "
-                              f"({top_sigma:.3g} on the [0, 1] scale, t={top}); expect a poor result")
-            return min(t, top)
-        t_start = int(t_start)
-        if not 0 <= t_start < self.num_timesteps:
-            raise ValueError(f"t_start={t_start} must lie in [0, {self.num_timesteps - 1}]")
-        return t_start
-
     @torch.no_grad()
     def sample(self, cond: torch.Tensor | None = None, sampler: str = "ddim", steps: int | None = None,
                eta: float | None = None, spacing: str | None = None, t_start=None, sigma: float | None = None,
                guidance_scale: float = 1.0, generator: torch.Generator | None = None, use_ema: bool = True,
-               batch_size: int | None = None) -> torch.Tensor:
+               batch_size: int | None = None, start_noise: str = "condition") -> torch.Tensor:
         """One clean estimate per condition image (B, channels, H, W) in [-1, 1].
 
         From pure noise at T-1 by default; with ``t_start`` the chain starts at that timestep
-        from the condition scaled by sqrt(alpha_bar) (``"auto"`` matches it to ``sigma``).
+        from the condition scaled by sqrt(alpha_bar) (``"auto"`` matches it to ``sigma``), or
+        with ``start_noise="independent"`` from fresh noise around the model's first x0
+        estimate there (one more network evaluation; see ``models.matched_start``).
         H and W are padded (reflect) to what the UNet needs and cropped back. Without
         ``cond``, ``batch_size`` unconditional samples (channels x image_size^2) from the
         null condition; only for models trained with ``p_uncond > 0``. See ``run_sampler``
@@ -117,6 +135,7 @@ class ConditionDDPM(DDPM):
         if cond is None:
             if batch_size is None or t_start is not None:
                 raise ValueError("sample() needs cond (noisy images), or batch_size alone for unconditional samples")
+            self.check_start_noise(start_noise, t_start)
             self.check_guidance(0.0)
             shape = (batch_size, self.channels, self.image_size, self.image_size)
             x_T = torch.randn(shape, generator=generator, device=self.device)
@@ -125,59 +144,30 @@ class ConditionDDPM(DDPM):
                                     use_ema=use_ema)
         if batch_size is not None:
             raise ValueError("give either cond or batch_size to sample(), not both")
-        if cond.ndim != 4 or cond.shape[1] != self.channels:
-            raise ValueError(f"cond must be (B, {self.channels}, H, W), got shape {tuple(cond.shape)}")
-        h, w = cond.shape[-2:]
-        if min(h, w) < self.unet.size_factor:
-            raise ValueError(f"cond images must be at least {self.unet.size_factor} x {self.unet.size_factor} "
-                             f"pixels (the UNet's size factor), got {h} x {w}")
-        t0 = self.start_timestep(t_start, sigma)
-        if t0 is not None and t_start == "auto" and float(sigma) == 0:
-            warnings.warn("sigma=0: there is no noise to remove; the input is returned unchanged")
-            return cond.clone()
-        if t0 is not None and sampler == "ddim" and (50 if steps is None else steps) > t0 + 1:
-            if steps is not None:
-                warnings.warn(f"steps={steps} capped at {t0 + 1}: a chain starting at t={t0} has no more steps")
-            steps = t0 + 1
-        cond_p = pad_to_multiple(cond, self.unet.size_factor)
-        if t0 is None:
-            x_T = torch.randn(cond_p.shape, generator=generator, device=cond.device, dtype=cond.dtype)
-        else:
-            x_T = self.diffusion.sqrt_alphas_cumprod[t0] * cond_p
-        out = self.run_sampler(x_T, cond_p, sampler=sampler, steps=steps, eta=eta, spacing=spacing, t_start=t0,
-                               guidance_scale=guidance_scale, generator=generator, use_ema=use_ema)
-        return out[..., :h, :w]
+        return self.sample_from_noisy(cond, sampler, steps, eta, spacing, t_start, sigma, guidance_scale, generator,
+                                      use_ema, start_noise, name="cond")
 
     @torch.no_grad()
     def denoise(self, noisy: torch.Tensor, sampler: str = "ddim", steps: int | None = None,
                 eta: float | None = None, spacing: str | None = None, n_samples: int = 1,
                 guidance_scale: float = 1.0, t_start=None, sigma: float | None = None,
-                return_std: bool = False, batch_size: int = 16, generator: torch.Generator | None = None):
+                return_std: bool = False, batch_size: int = 16, generator: torch.Generator | None = None,
+                start_noise: str = "condition"):
         """Posterior mean of ``n_samples`` clean estimates of ``noisy`` (B, 1, H, W) in [-1, 1].
 
         Samples are drawn ``batch_size`` at a time. With ``return_std`` also returns the
-        per-pixel std of the samples (model units; zeros for one sample).
+        per-pixel std of the samples (model units; zeros for one sample). ``start_noise``
+        "independent" (needs ``t_start``) costs one more network evaluation per sample
+        (NFE = steps + 1) and makes samples differ even at eta 0.
         """
-        if noisy.ndim != 4:
-            raise ValueError(f"noisy must be (B, C, H, W), got shape {tuple(noisy.shape)}")
-        if not torch.isfinite(noisy).all():
-            raise ValueError("noisy input contains NaN or inf values")
-        if n_samples < 1:
-            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-        if n_samples > 1 and t_start is not None and sampler == "ddim" and (not eta or steps == 1):
-            raise ValueError(f"n_samples={n_samples} from the matched start with eta={eta or 0} and steps={steps} "
-                             f"would draw {n_samples} identical samples (the chain is deterministic: eta 0, or one "
-                             "step straight to x0); use eta > 0 and steps >= 2, or n_samples=1")
-        noisy = noisy.to(self.device, torch.float32)
-        repeated = noisy.repeat_interleave(n_samples, dim=0)
-        outs = [self.sample(chunk, sampler, steps, eta, spacing, t_start, sigma, guidance_scale, generator)
-                for chunk in repeated.split(batch_size)]
-        samples = torch.cat(outs).reshape(noisy.shape[0], n_samples, *noisy.shape[1:])
-        mean = samples.mean(dim=1)
-        if return_std:
-            std = samples.std(dim=1, unbiased=False)
-            return mean, std
-        return mean
+        self.check_start_noise(start_noise, t_start)
+        self.check_ensemble(n_samples, t_start, sampler, eta, steps, start_noise)
+
+        def draw(chunk):
+            return self.sample(chunk, sampler, steps, eta, spacing, t_start, sigma, guidance_scale, generator,
+                               start_noise=start_noise)
+
+        return self.denoise_ensemble(noisy, n_samples, batch_size, return_std, draw)
 
     # ------------------------------------------------------------------ validation and images
     def denoise_matched(self, cond: torch.Tensor, sigmas: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:

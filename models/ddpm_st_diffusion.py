@@ -19,20 +19,36 @@ from diffusion_modules.diffusion_utils.beta_schedule import make_beta_schedule
 from diffusion_modules.diffusion_utils.gaussian_diffusion import GaussianDiffusion
 from diffusion_modules.diffusion_utils.losses import LOSSES, per_example_loss
 from models.ddim import DDIMSampler
+from models.matched_start import MatchedStart
 from utils.initialize_configs import instantiate_from_configs
 from utils.optim import adamw_warmup_cosine
 
 SAMPLERS = ("ddpm", "ddim")
 
 
-class DDPM(pl.LightningModule):
+def unet_in_channels(unet: torch.nn.Module) -> int | None:
+    """Image channels a UNet takes: its ``in_channel`` attribute, else those of its ``conv_in``
+    (a Conv2d, after a space-to-depth ``fold``); None when it cannot tell."""
+    if isinstance(getattr(unet, "in_channel", None), int):
+        return unet.in_channel
+    conv = getattr(unet, "conv_in", None)
+    if isinstance(conv, torch.nn.Conv2d):
+        return conv.in_channels // getattr(unet, "fold", 1) ** 2
+    return None
+
+
+class DDPM(MatchedStart, pl.LightningModule):
     """Unconditional DDPM on single-channel images; batches are dicts with ``x_prior``.
 
     ``image_size`` and ``channels`` give the shape of unconditional samples.
     ``min_snr_gamma`` weights the L2 loss by min(SNR, gamma) expressed for the target
     (Hang et al. 2023); it is derived for L2 only, so other losses refuse it.
     ``max_train_timestep`` limits training to t <= it (denoising never needs larger t).
+    ``denoise`` runs it as an SDEdit denoiser: the chain from the noisy image at t*.
     """
+
+    #: images the UNet input concatenates: x_t alone (``ConditionDDPM``: x_t and the condition)
+    unet_input_images = 1
 
     def __init__(self, unet_rosinality_config: Mapping[str, Any], image_size: int = 64, channels: int = 1,
                  timesteps: int = 1000, beta_schedule: str = "linear", linear_start: float = 1e-4,
@@ -55,6 +71,7 @@ class DDPM(pl.LightningModule):
         self.diffusion = GaussianDiffusion(
             make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end, betas=betas), parameterization)
         self.unet = instantiate_from_configs(unet_rosinality_config, "model.params.unet_rosinality_config")
+        self.check_unet_input()
         self.use_ema, self.ema_decay = use_ema, ema_decay
         if use_ema:
             self.unet_ema = copy.deepcopy(self.unet).requires_grad_(False)
@@ -63,6 +80,19 @@ class DDPM(pl.LightningModule):
         if max_train_timestep is not None and not 0 <= max_train_timestep < self.num_timesteps:
             raise ValueError(f"max_train_timestep={max_train_timestep} must lie in [0, {self.num_timesteps - 1}]")
         self.max_train_timestep = max_train_timestep
+
+    def check_unet_input(self) -> None:
+        """Fail at construction, not at sampling, on a UNet of the wrong input width (e.g. an
+        unconditional checkpoint loaded with ConditionDDPM, or the other way round)."""
+        got, want = unet_in_channels(self.unet), self.unet_input_images * self.channels
+        if got is None or got == want:
+            return
+        what = ("x_t and the condition (in_channel = 2*channels" if self.unet_input_images == 2
+                else "x_t alone (in_channel = channels")
+        hint = ("an unconditional DDPM's UNet? load it with DDPM" if got == self.channels
+                else "a conditional model's UNet? load it with ConditionDDPM" if got == 2 * self.channels else "")
+        raise ValueError(f"{type(self).__name__}'s UNet must take {what} = {want}), but this one takes {got} "
+                         f"input channel(s){'; ' + hint if hint else ''}")
 
     @property
     def num_timesteps(self) -> int:
@@ -165,16 +195,39 @@ class DDPM(pl.LightningModule):
                 x_T, cond=cond, steps=50 if steps is None else steps, eta=0.0 if eta is None else eta,
                 t_start=t_start, spacing=spacing or "uniform", guidance_scale=guidance_scale, generator=generator)
 
+    @torch.no_grad()
+    def denoise(self, noisy: torch.Tensor, sampler: str = "ddim", steps: int | None = None,
+                eta: float | None = None, spacing: str | None = None, n_samples: int = 1, t_start=None,
+                sigma: float | None = None, return_std: bool = False, batch_size: int = 16,
+                generator: torch.Generator | None = None):
+        """SDEdit: the posterior mean of ``n_samples`` chains from x_t* = sqrt(a_bar*) noisy at
+        ``t_start`` ("auto" with ``sigma`` on the [0, 1] scale, or an int) for ``noisy``
+        (B, channels, H, W) in [-1, 1]; the model sees no condition, so only the start carries
+        the image. Same arguments, edges and ensembles as ``ConditionDDPM.denoise``."""
+        if t_start is None:
+            raise ValueError("the unconditional DDPM sees no condition: it denoises only from a start timestep "
+                             "(SDEdit); give t_start='auto' with sigma, or an int")
+        self.check_ensemble(n_samples, t_start, sampler, eta, steps)
+
+        def draw(chunk):
+            return self.sample_from_noisy(chunk, sampler, steps, eta, spacing, t_start, sigma, generator=generator)
+
+        return self.denoise_ensemble(noisy, n_samples, batch_size, return_std, draw)
+
     # ------------------------------------------------------------------ training
     def get_condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:
         """The conditioning image of a batch (none for the unconditional model)."""
         return None
 
     def p_losses(self, x0: torch.Tensor, cond: torch.Tensor | None, t: torch.Tensor,
-                 noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-batch diffusion loss at timesteps t (fresh Gaussian noise unless given)."""
+                 noise: torch.Tensor | None = None, x_t: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-batch diffusion loss at timesteps t (fresh Gaussian noise unless given). A given
+        ``x_t`` (with the ``noise`` that q_sample would turn into it) replaces q_sample(x0, t, noise)."""
+        if x_t is not None and noise is None:
+            raise ValueError("p_losses with x_t needs its noise (GaussianDiffusion.noise_from_x_t) for the target")
         noise = torch.randn_like(x0) if noise is None else noise
-        out = self.apply_model(self.diffusion.q_sample(x0, t, noise), t, cond)
+        x_t = self.diffusion.q_sample(x0, t, noise) if x_t is None else x_t
+        out = self.apply_model(x_t, t, cond)
         loss = per_example_loss(out, self.diffusion.training_target(x0, noise, t), self.loss_type)
         if self.min_snr_gamma is not None:
             loss = loss * self.diffusion.min_snr_weight(t, self.min_snr_gamma)

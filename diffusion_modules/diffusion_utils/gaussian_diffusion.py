@@ -61,8 +61,14 @@ class GaussianDiffusion(torch.nn.Module):
 
     def noise_to_timestep(self, sigma: float) -> int:
         """Timestep whose sqrt((1 - a_bar) / a_bar) is closest to ``sigma`` in model units."""
-        ratio = self.sqrt_recipm1_alphas_cumprod.cpu().numpy()
-        return int(np.argmin(np.abs(ratio - sigma)))
+        return int(self.noise_to_timesteps(torch.tensor([float(sigma)]))[0])
+
+    def noise_to_timesteps(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``noise_to_timestep`` for each entry of ``sigma`` (model units): a long tensor of
+        its shape; ties go to the smaller timestep."""
+        ratio = self.sqrt_recipm1_alphas_cumprod
+        sigma = torch.as_tensor(sigma, dtype=ratio.dtype, device=ratio.device)
+        return (ratio - sigma.reshape(-1, 1)).abs().argmin(dim=1).reshape(sigma.shape)
 
     def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
         """Min-SNR-gamma weights (Hang et al. 2023) of an L2 loss on this parameterization's target:
@@ -76,6 +82,11 @@ class GaussianDiffusion(torch.nn.Module):
         """x_t = sqrt(a_bar_t) x0 + sqrt(1 - a_bar_t) noise."""
         return (extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0
                 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim) * noise)
+
+    def noise_from_x_t(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The noise that q_sample(x0, t, noise) turns into x_t: (x_t - sqrt(a_bar) x0) / sqrt(1 - a_bar)."""
+        return ((x_t - extract(self.sqrt_alphas_cumprod, t, x0.ndim) * x0)
+                / extract(self.sqrt_one_minus_alphas_cumprod, t, x0.ndim))
 
     def velocity(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v = sqrt(a_bar) eps - sqrt(1 - a_bar) x0."""

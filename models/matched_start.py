@@ -1,0 +1,146 @@
+"""Denoising by the reverse chain from a noisy image: the matched start, shared by the
+unconditional ``DDPM`` (SDEdit: the prior alone) and ``ConditionDDPM`` (which also feeds the
+noisy image to the UNet as its condition).
+
+A noisy image y = x0 + 2 sigma n (model units) scaled by sqrt(a_bar_t) has the marginal of
+q(x_t | x0) when sqrt((1 - a_bar_t) / a_bar_t) = 2 sigma; ``start_timestep("auto", sigma)``
+picks that t*. For the conditional model the pair (x_t*, y) is not a training pair: x_t*
+carries exactly the condition's noise. ``start_noise="independent"`` re-draws it: x_t* =
+sqrt(a_bar*) x0_hat + sqrt(1 - a_bar*) eps around the model's first estimate x0_hat (one
+extra network evaluation).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import nullcontext
+
+import torch
+
+from diffusion_modules.unet_arch.unet_rosinality import pad_to_multiple
+
+#: "condition": x_t* = sqrt(a_bar*) y (the noise of y itself); "independent": fresh noise
+#: around the model's x0 estimate at (sqrt(a_bar*) y, t*).
+START_NOISES = ("condition", "independent")
+
+
+class MatchedStart:
+    """Mixin of ``DDPM``: start timestep, the chain from a noisy image, posterior ensembles.
+
+    Hook: ``chain_condition(noisy)`` is the condition passed to the network along the chain
+    (None for the unconditional model; the padded noisy image for ``ConditionDDPM``).
+    """
+
+    def chain_condition(self, noisy: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def start_timestep(self, t_start, sigma: float | None) -> int | None:
+        """Resolve ``t_start``: None, an int, or "auto" (needs sigma on the [0, 1] scale)."""
+        if t_start is None:
+            return None
+        if t_start == "auto":
+            if sigma is None:
+                raise ValueError("t_start='auto' needs the noise level sigma (std on the [0, 1] scale)")
+            sigma = float(sigma)
+            if not math.isfinite(sigma) or sigma < 0:
+                raise ValueError(f"sigma must be a finite noise std >= 0 on the [0, 1] scale, got {sigma}")
+            t = self.diffusion.noise_to_timestep(2.0 * sigma)
+            top = self.num_timesteps - 1 if self.max_train_timestep is None else self.max_train_timestep
+            top_sigma = float(self.diffusion.sqrt_recipm1_alphas_cumprod[top]) / 2
+            if sigma > top_sigma:
+                warnings.warn(f"sigma={sigma:g} lies beyond the largest noise level this model was trained on "
+                              f"({top_sigma:.3g} on the [0, 1] scale, t={top}); expect a poor result")
+            return min(t, top)
+        t_start = int(t_start)
+        if not 0 <= t_start < self.num_timesteps:
+            raise ValueError(f"t_start={t_start} must lie in [0, {self.num_timesteps - 1}]")
+        return t_start
+
+    @staticmethod
+    def check_start_noise(start_noise: str, t_start) -> None:
+        if start_noise not in START_NOISES:
+            raise ValueError(f"start_noise '{start_noise}' unknown; expected one of {START_NOISES}")
+        if start_noise == "independent" and t_start is None:
+            raise ValueError("start_noise='independent' re-noises the matched start and needs a t_start "
+                             "('auto' with sigma, or an int); from pure noise there is no start to re-noise")
+
+    def matched_start(self, y: torch.Tensor, t0: int, cond: torch.Tensor | None, start_noise: str = "condition",
+                      guidance_scale: float = 1.0, generator: torch.Generator | None = None,
+                      use_ema: bool = True) -> torch.Tensor:
+        """x_t* from the (padded) noisy image y: sqrt(a_bar*) y, or with ``start_noise=
+        "independent"`` sqrt(a_bar*) x0_hat + sqrt(1 - a_bar*) eps, x0_hat the model's clipped
+        x0 prediction at (sqrt(a_bar*) y, t*) and eps ~ N(0, I) from ``generator``."""
+        x = self.diffusion.sqrt_alphas_cumprod[t0] * y
+        if start_noise == "condition":
+            return x
+        tt = torch.full((y.shape[0],), t0, device=y.device, dtype=torch.long)
+        with self.ema_scope() if use_ema else nullcontext():
+            x0_hat, _ = self.predict_start(x, tt, cond, guidance_scale, clip=True)
+        eps = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        return self.diffusion.q_sample(x0_hat, tt, eps)
+
+    @torch.no_grad()
+    def sample_from_noisy(self, noisy: torch.Tensor, sampler: str = "ddim", steps: int | None = None,
+                          eta: float | None = None, spacing: str | None = None, t_start=None,
+                          sigma: float | None = None, guidance_scale: float = 1.0,
+                          generator: torch.Generator | None = None, use_ema: bool = True,
+                          start_noise: str = "condition", name: str = "noisy") -> torch.Tensor:
+        """One clean estimate per image of ``noisy`` (B, channels, H, W): the chain from pure
+        noise at T-1 (``t_start=None``) or from the matched start at ``t_start``. H and W are
+        reflect-padded to the UNet's size factor and cropped back. ``name`` names the argument
+        in errors."""
+        self.check_start_noise(start_noise, t_start)
+        if noisy.ndim != 4 or noisy.shape[1] != self.channels:
+            raise ValueError(f"{name} must be (B, {self.channels}, H, W), got shape {tuple(noisy.shape)}")
+        h, w = noisy.shape[-2:]
+        if min(h, w) < self.unet.size_factor:
+            raise ValueError(f"{name} images must be at least {self.unet.size_factor} x {self.unet.size_factor} "
+                             f"pixels (the UNet's size factor), got {h} x {w}")
+        t0 = self.start_timestep(t_start, sigma)
+        if t0 is not None and t_start == "auto" and float(sigma) == 0:
+            warnings.warn("sigma=0: there is no noise to remove; the input is returned unchanged")
+            return noisy.clone()
+        if t0 is not None and sampler == "ddim" and (50 if steps is None else steps) > t0 + 1:
+            if steps is not None:
+                warnings.warn(f"steps={steps} capped at {t0 + 1}: a chain starting at t={t0} has no more steps")
+            steps = t0 + 1
+        noisy_p = pad_to_multiple(noisy, self.unet.size_factor)
+        cond = self.chain_condition(noisy_p)
+        if t0 is None:
+            x_T = torch.randn(noisy_p.shape, generator=generator, device=noisy.device, dtype=noisy.dtype)
+        else:
+            x_T = self.matched_start(noisy_p, t0, cond, start_noise, guidance_scale, generator, use_ema)
+        out = self.run_sampler(x_T, cond, sampler=sampler, steps=steps, eta=eta, spacing=spacing, t_start=t0,
+                               guidance_scale=guidance_scale, generator=generator, use_ema=use_ema)
+        return out[..., :h, :w]
+
+    @staticmethod
+    def check_ensemble(n_samples: int, t_start, sampler: str, eta: float | None, steps: int | None,
+                       start_noise: str = "condition") -> None:
+        """Refuse ``n_samples > 1`` where every sample would be the same: from the matched start
+        (its noise being the input's) a DDIM chain with eta 0, or of one step, is deterministic."""
+        if n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+        if (n_samples > 1 and t_start is not None and start_noise == "condition" and sampler == "ddim"
+                and (not eta or steps == 1)):
+            raise ValueError(f"n_samples={n_samples} from the matched start with eta={eta or 0} and steps={steps} "
+                             f"would draw {n_samples} identical samples (the chain is deterministic: eta 0, or one "
+                             "step straight to x0); use eta > 0 and steps >= 2, start_noise='independent', "
+                             "or n_samples=1")
+
+    @torch.no_grad()
+    def denoise_ensemble(self, noisy: torch.Tensor, n_samples: int, batch_size: int, return_std: bool, draw):
+        """Mean (and per-pixel std with ``return_std``) of ``n_samples`` estimates per image,
+        ``draw(chunk)`` giving one estimate per image of a chunk of ``batch_size`` images."""
+        if noisy.ndim != 4:
+            raise ValueError(f"noisy must be (B, C, H, W), got shape {tuple(noisy.shape)}")
+        if not torch.isfinite(noisy).all():
+            raise ValueError("noisy input contains NaN or inf values")
+        noisy = noisy.to(self.device, torch.float32)
+        repeated = noisy.repeat_interleave(n_samples, dim=0)
+        samples = torch.cat([draw(chunk) for chunk in repeated.split(batch_size)])
+        samples = samples.reshape(noisy.shape[0], n_samples, *noisy.shape[1:])
+        mean = samples.mean(dim=1)
+        if return_std:
+            return mean, samples.std(dim=1, unbiased=False)
+        return mean
