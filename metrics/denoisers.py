@@ -3,7 +3,7 @@
 A denoiser has a ``name`` and is called as ``denoiser(noisy01, sigma) -> pred01``:
 noisy01 is one (H,W) float32 slice on the [0,1] scale (not clipped: noise may leave
 [0,1]), sigma the Gaussian noise std on the [0,1] scale or None (then estimated from
-the image with scikit-image ``estimate_sigma`` where the method needs it), pred01 a
+the image with the wavelet estimate of noise_level.py where the method needs it), pred01 a
 (H,W) float32 slice in [0,1]. ``denoise_with_std`` also returns a per-pixel std map
 ([0,1] units) when the method yields one (a diffusion model averaging several samples),
 else None.
@@ -16,6 +16,8 @@ from collections.abc import Mapping
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
+
+from diffusion_modules.diffusion_utils.noise_level import wavelet_sigma
 
 DENOISER_TYPES = ("noisy", "nlm", "bm3d", "unet", "ddpm")
 
@@ -30,11 +32,9 @@ def _check_slice(noisy01) -> np.ndarray:
 
 
 def _resolve_sigma(noisy01: np.ndarray, sigma) -> float:
-    """The given sigma ([0,1] units), or skimage's estimate of it when None."""
+    """The given sigma ([0,1] units), or the wavelet estimate of it when None."""
     if sigma is None:
-        from skimage.restoration import estimate_sigma
-
-        return float(estimate_sigma(noisy01))
+        return wavelet_sigma(noisy01)
     sigma = float(sigma)
     if not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be a non-negative number or None, got {sigma}")

@@ -17,19 +17,11 @@ import torch
 from tqdm import tqdm
 
 from models.ddpm_conditioned import ConditionDDPM
+from diffusion_modules.diffusion_utils.noise_level import estimate_noise_sigma
 from utils.atomic import atomic_write
 from utils.intensity import check_modality, normalize, to_physical
 from utils.planes import ACQUISITION, PLANE_AXES, PLANES, acquisition_plane, cut_plane
 from utils.volume_io import ras_array, read_image
-
-
-def estimate_noise_sigma(slices01: np.ndarray, max_slices: int = 32) -> float:
-    """Gaussian noise std on the [0,1] scale: the median over up to ``max_slices`` evenly
-    spaced slices of scikit-image's wavelet estimate (robust to a few odd slices)."""
-    from skimage.restoration import estimate_sigma
-
-    picks = np.unique(np.linspace(0, len(slices01) - 1, min(max_slices, len(slices01))).round().astype(int))
-    return float(np.median([estimate_sigma(slices01[i]) for i in picks]))
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -131,7 +123,7 @@ def denoise_volume(model: ConditionDDPM, input_path, output_path, *, std_path=No
     ras01 = (ras - np.float32(norm["low"])) / np.float32(norm["high"] - norm["low"])
     slices01 = np.ascontiguousarray(cut_plane(ras01, zooms, plane)[0], dtype=np.float32)
     if sigma == "auto":
-        sigma = estimate_noise_sigma(slices01)
+        sigma = estimate_noise_sigma(slices01, foreground=modality == "mr")  # MR magnitude: Rician
     sigma = float(sigma)
     if not np.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be 'auto' or a finite number >= 0 on the [0, 1] scale, got {sigma}")

@@ -10,7 +10,8 @@ from pydicom.uid import generate_uid
 
 from metrics.denoisers import ModelDenoiser
 from models.ddpm_conditioned import ConditionDDPM
-from orchestration.volume_denoiser import denoise_slices, denoise_volume, estimate_noise_sigma
+from diffusion_modules.diffusion_utils.noise_level import estimate_noise_sigma
+from orchestration.volume_denoiser import denoise_slices, denoise_volume
 from synthetic import load_script, write_dicom_slice
 
 ROOT = Path(__file__).resolve().parents[1]
