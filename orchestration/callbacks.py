@@ -1,15 +1,19 @@
-"""Lightning callbacks of this project: image rows to the experiment logger, a stop on NaN."""
+"""Lightning callbacks of this project: image rows to the experiment logger, training speed
+and GPU memory per logging interval, a stop on NaN."""
 from __future__ import annotations
+
+import time
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 
 
 class ImageLogger(pl.Callback):
     """Every ``every_n_steps`` optimizer steps, log ``pl_module.log_images(batch)`` rows.
 
-    Each named row (B, 1, H, W) in [-1, 1] becomes one image strip mapped to [0, 1];
-    rows go to wandb when a WandbLogger is active and are skipped otherwise.
+    Each named row (B, 1, H, W) in [-1, 1] becomes one image strip mapped to [0, 1], logged
+    as ``images/<name>`` to wandb or TensorBoard; with the CSV logger nothing is drawn.
     """
 
     def __init__(self, every_n_steps: int = 500, n: int = 4, steps: int = 20):
@@ -20,7 +24,10 @@ class ImageLogger(pl.Callback):
         step = trainer.global_step
         if self.every_n_steps <= 0 or step == 0 or step % self.every_n_steps or not trainer.is_global_zero:
             return
-        log_image = getattr(trainer.logger, "log_image", None)
+        log_image = getattr(trainer.logger, "log_image", None)  # WandbLogger
+        if isinstance(trainer.logger, TensorBoardLogger):
+            def log_image(key, images, step):
+                trainer.logger.experiment.add_image(key, images[0], global_step=step)  # (1, H, W): CHW
         if log_image is None or not hasattr(pl_module, "log_images"):
             return
         was_training = pl_module.training
@@ -30,6 +37,71 @@ class ImageLogger(pl.Callback):
         for name, row in rows.items():
             strip = torch.cat(list(((row.float().clamp(-1, 1) + 1) / 2).cpu()), dim=-1)
             log_image(key=f"images/{name}", images=[strip], step=step)
+
+
+def _batch_size(batch) -> int:
+    """Images in a batch: the first dimension of its first tensor."""
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    items = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else ()
+    return next((_batch_size(item) for item in items if isinstance(item, (torch.Tensor, dict, list, tuple))), 0)
+
+
+class TrainingSpeed(pl.Callback):
+    """Training throughput and, on CUDA, peak GPU memory, per logging interval.
+
+    Logged with ``pl_module.log`` at every logged step (``trainer.log_every_n_steps``), in the
+    same rows as the loss:
+
+    - ``train/images_per_sec``: training images per second of wall time since the previous
+      logged step, all processes together (batch size x world size), validation time left
+      out (data loading, optimizer step, checkpoints and image rows counted in);
+    - ``train/gpu_mem_peak_gib``: the most memory torch allocated on this process's GPU in
+      the interval (``torch.cuda.max_memory_allocated``, GiB = 2**30 bytes); CUDA only.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._t0 = self._val_t0 = self._step = None
+        self._images = 0
+
+    def _restart(self, trainer, pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self._t0, self._images, self._step = time.perf_counter(), 0, trainer.global_step
+
+    def on_train_start(self, trainer, pl_module):
+        self._restart(trainer, pl_module)
+
+    def on_validation_start(self, trainer, pl_module):
+        self._val_t0 = time.perf_counter() if self._t0 is not None and not trainer.sanity_checking else None
+
+    def on_validation_end(self, trainer, pl_module):
+        if self._val_t0 is not None:
+            self._t0 += time.perf_counter() - self._val_t0  # validation is not training time
+            self._val_t0 = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self._t0 is None:
+            self._restart(trainer, pl_module)
+        self._images += _batch_size(batch) * trainer.world_size
+        stepped, self._step = trainer.global_step != self._step, trainer.global_step
+        # Lightning writes the logged values after an optimizer step whose number is a
+        # multiple of log_every_n_steps (and at the last step); the interval restarts there
+        logged = stepped and trainer.log_every_n_steps > 0 and (
+            trainer.global_step % trainer.log_every_n_steps == 0 or trainer.should_stop)
+        cuda = pl_module.device.type == "cuda"
+        if logged and cuda:
+            torch.cuda.synchronize(pl_module.device)  # the interval's kernels are done
+        elapsed = time.perf_counter() - self._t0
+        if elapsed > 0 and self._images:
+            pl_module.log("train/images_per_sec", self._images / elapsed, on_step=True, on_epoch=False)
+        if cuda:
+            peak = torch.cuda.max_memory_allocated(pl_module.device) / 2 ** 30
+            pl_module.log("train/gpu_mem_peak_gib", peak, on_step=True, on_epoch=False)
+        if logged:
+            self._restart(trainer, pl_module)
 
 
 class NonFiniteGuard(pl.Callback):

@@ -4,7 +4,9 @@
 this module checks the other sections: ``trainer`` against ``lightning.Trainer``,
 ``sampling`` against ``ConditionDDPM.denoise``, ``logging`` and ``evaluation`` against the
 keys the orchestration reads. A misspelt key names the close matches; a value of the wrong
-type names the key and the expected type.
+type names the key and the expected type. Names that become file or folder names
+(``logging.name``, the ``name`` of a volume in ``data.params.volumes`` or
+``evaluation.test_volumes``) are checked by ``utils.paths.check_name``.
 """
 from __future__ import annotations
 
@@ -16,12 +18,15 @@ from omegaconf import OmegaConf
 
 from models.ddpm_conditioned import ConditionDDPM
 from utils.initialize_configs import ConfigError
+from utils.paths import check_name
 
 PATH = str  # a file path in a config (relative to the repository root)
 NUMBER = (int, float)
 #: key -> accepted types (None: null allowed) of the sections the orchestration reads itself
-LOGGING = {"save_dir": (PATH,), "name": (str,), "wandb": (bool,), "wandb_sync": (bool,), "project": (str,),
+LOGGING = {"save_dir": (PATH,), "name": (str,), "logger": (str,), "wandb_sync": (bool,), "project": (str,),
            "checkpoint_every_n_steps": (int,), "image_every_n_steps": (int,)}
+#: the experiment loggers ``logging.logger`` may name (orchestration.training.build_logger)
+LOGGERS = ("wandb", "tensorboard", "csv")
 EVALUATION = {"enabled": (bool,), "sigmas": (list,), "levels": (list,), "noise_seed": (int,), "noise_type": (str,),
               "noise_params": (dict, None), "max_slices_per_source": (int, None), "n_examples": (int,),
               "save_predictions": (bool,), "unet_config": (PATH, None), "unet_ckpt": (PATH, None),
@@ -61,9 +66,22 @@ def _check_keys(section: dict, allowed, types: dict, path: str) -> None:
                               f"({type(value).__name__})")
 
 
+def _check_volume_names(plain: dict) -> None:
+    """The ``name`` of each mapping in ``data.params.volumes`` and ``evaluation.test_volumes``."""
+    data = plain.get("data") if isinstance(plain.get("data"), dict) else {}
+    params = data.get("params") if isinstance(data.get("params"), dict) else {}
+    evaluation = plain.get("evaluation") or {}
+    for key, entries in (("data.params.volumes", params.get("volumes")),
+                         ("evaluation.test_volumes", evaluation.get("test_volumes"))):
+        for i, entry in enumerate(entries if isinstance(entries, list) else []):
+            if isinstance(entry, dict) and entry.get("name") not in (None, ""):
+                check_name(entry["name"], f"{key}[{i}].name")
+
+
 def check_run_config(cfg) -> None:
     """ConfigError naming the first unknown key or wrongly typed value in the trainer,
-    sampling, logging and evaluation sections of a run config."""
+    sampling, logging and evaluation sections of a run config, an unknown
+    ``logging.logger``, or a run / volume name that is not a plain file name."""
     plain = OmegaConf.to_container(cfg, resolve=True) if not isinstance(cfg, dict) else cfg
     for name in ("trainer", "sampling", "logging", "evaluation"):
         section = plain.get(name)
@@ -74,7 +92,15 @@ def check_run_config(cfg) -> None:
     _check_keys(plain.get("trainer") or {}, trainer_args, TRAINER_TYPES, "trainer")
     denoise_args = set(inspect.signature(ConditionDDPM.denoise).parameters) - {"self", "noisy", "generator"}
     _check_keys(plain.get("sampling") or {}, denoise_args, SAMPLING_TYPES, "sampling")
-    _check_keys(plain.get("logging") or {}, LOGGING, LOGGING, "logging")
+    log = plain.get("logging") or {}
+    if "wandb" in log:  # the key of earlier versions: say what replaced it
+        raise ConfigError("logging.wandb: replaced by logging.logger: wandb | tensorboard | csv "
+                          "(logging.wandb: false is now logging.logger: csv)")
+    _check_keys(log, LOGGING, LOGGING, "logging")
+    if log.get("logger", "wandb") not in LOGGERS:
+        raise ConfigError(f"logging.logger: {log['logger']!r} is not one of {', '.join(LOGGERS)}")
+    check_name(log.get("name", "run"), "logging.name")
     _check_keys(plain.get("evaluation") or {}, EVALUATION, EVALUATION, "evaluation")
+    _check_volume_names(plain)
     if not isinstance(plain.get("seed", 0), int) or isinstance(plain.get("seed", 0), bool):
         raise ConfigError(f"seed: expected int, got {plain.get('seed')!r}")

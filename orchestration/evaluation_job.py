@@ -3,6 +3,7 @@ test volumes, denoisers, ``evaluate``."""
 from __future__ import annotations
 
 import hashlib
+import inspect
 import shutil
 import tempfile
 import warnings
@@ -76,8 +77,8 @@ def parse_test_volumes(entries, default_max) -> list[dict]:
     """``evaluation.test_volumes`` entries (a path string or {path, modality, name, label,
     max_slices, plane}) as dicts with every key; names unique."""
     out = []
-    for entry in entries or []:
-        entry = volume_entry(entry, TEST_VOLUME_KEYS, "evaluation.test_volumes")
+    for i, entry in enumerate(entries or []):
+        entry = volume_entry(entry, TEST_VOLUME_KEYS, "evaluation.test_volumes", i)
         path = volume_path(entry["path"])
         name = entry.get("name") or source_stem(path)
         name = name[:-4] if name.lower().endswith(".dcm") else name
@@ -246,8 +247,10 @@ def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> 
         if kind in ("ddpm", "unet") and models.get(key) is None:
             warnings.warn(f"skipping method {entry.get('name')!r}: no {key!r} model given")
             continue
-        if kind == "ddpm":
-            entry = {**entry, "params": {**sampling, **(entry.get("params") or {})}}
+        if kind == "ddpm":  # sampling defaults the model's denoise() takes (an unconditional DDPM has no guidance)
+            accepted = inspect.signature(models[key].denoise).parameters
+            defaults = {k: v for k, v in sampling.items() if k in accepted}
+            entry = {**entry, "params": {**defaults, **(entry.get("params") or {})}}
         denoisers.append(build_denoiser(entry, models, device=device))
 
     return evaluate(

@@ -6,7 +6,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from models.supervised_unet import SupervisedUNet
-from orchestration.checkpoints import pretrained_models
+from orchestration.checkpoints import pretrained_models, read_checkpoint
 from orchestration.config_checks import check_run_config
 from orchestration.evaluation_job import checked_test_volumes, run_evaluation
 from orchestration.training import make_run_dir, train
@@ -31,6 +31,8 @@ def run_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
     check_run_config(cfg)  # every key, before anything is written
     if resume is not None and not Path(resume).is_file():
         raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
+    if resume is not None:
+        read_checkpoint(resume, resume)  # an empty or truncated file: a CheckpointError naming it, no run folder
     if cfg.get("init_from") and not resolve_path(cfg.init_from).is_file():
         raise FileNotFoundError(f"init_from: checkpoint not found: {resolve_path(cfg.init_from)}")
     ev = cfg.get("evaluation")

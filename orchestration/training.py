@@ -1,27 +1,30 @@
 """Build and train a model from a run config: logger, callbacks, checkpoints, saved config."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
-from utils.atomic import atomic_write
-from orchestration.callbacks import ImageLogger, NonFiniteGuard
+from utils.atomic import atomic_write, remove_stale_temporaries
+from orchestration.callbacks import ImageLogger, NonFiniteGuard, TrainingSpeed
 from orchestration.checkpoints import CheckpointError, read_checkpoint, checkpoint_model_class, check_hyper_parameters
 from utils.initialize_configs import ConfigError, instantiate_from_configs, validate_target_config
-from utils.paths import resolve_path
+from orchestration.config_checks import LOGGERS
+from orchestration.resume import AtomicCheckpointIO, ExactResume
+from orchestration.run_info import write_run_info
+from utils.paths import check_name, resolve_path
 
 
 def make_run_dir(cfg: DictConfig) -> Path:
     """A new ``<logging.save_dir>/<logging.name>-<timestamp>[-n]`` folder (save_dir relative
-    to the repo root)."""
+    to the repo root); ``logging.name`` must be a plain name (utils.paths.check_name)."""
     log = cfg.get("logging", {})
-    stem = resolve_path(log.get("save_dir", "runs")) / f"{log.get('name', 'run')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = check_name(log.get("name", "run"), "logging.name")
+    stem = resolve_path(log.get("save_dir", "runs")) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     run_dir, n = stem, 0
     while True:
@@ -39,14 +42,19 @@ def save_config(cfg: DictConfig, path: Path) -> None:
 
 
 def build_logger(cfg: DictConfig, run_dir: Path):
-    """wandb (offline unless ``logging.wandb_sync``) or, with ``logging.wandb: false``, CSV."""
+    """The experiment logger of ``logging.logger``, writing into the run folder:
+    ``wandb`` (default; ``<run>/wandb/``, offline unless ``logging.wandb_sync``),
+    ``tensorboard`` (``<run>/tensorboard/``) or ``csv`` (``<run>/csv/version_0/metrics.csv``)."""
     log = cfg.get("logging", {})
-    if log.get("wandb", True):
-        if not log.get("wandb_sync", False):
-            os.environ["WANDB_MODE"] = "offline"
+    kind = log.get("logger", "wandb")
+    if kind == "wandb":
         return WandbLogger(project=log.get("project", "cdm4mi"), name=run_dir.name, save_dir=str(run_dir),
                            offline=not log.get("wandb_sync", False))
-    return CSVLogger(save_dir=str(run_dir), name="csv")
+    if kind == "tensorboard":
+        return TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+    if kind == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="csv")
+    raise ConfigError(f"logging.logger: {kind!r} is not one of {', '.join(LOGGERS)}")
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
@@ -56,12 +64,16 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
                         every_n_train_steps=log.get("checkpoint_every_n_steps", 1000)),
         LearningRateMonitor(logging_interval="step"),
         ImageLogger(every_n_steps=log.get("image_every_n_steps", 0)),
+        TrainingSpeed(),
         NonFiniteGuard(),
+        ExactResume(),  # random generator states in checkpoints (orchestration/resume.py)
     ]
     trainer_kwargs = OmegaConf.to_container(cfg.get("trainer", {}), resolve=True)
+    # every checkpoint goes to a temporary file first, then is renamed (orchestration/resume.py)
+    plugins = [AtomicCheckpointIO(), *(trainer_kwargs.pop("plugins", None) or [])]
     try:
         return pl.Trainer(default_root_dir=str(run_dir), logger=build_logger(cfg, run_dir), callbacks=callbacks,
-                          **trainer_kwargs)
+                          plugins=plugins, **trainer_kwargs)
     except TypeError as err:
         raise ConfigError(f"trainer: {err}") from err
 
@@ -96,24 +108,35 @@ def init_weights(model, path: str | Path, allow_targets=None) -> None:
 
 def train(cfg: DictConfig, run_dir: Path, resume: str | Path | None = None):
     """Fit ``cfg.model`` on ``cfg.data``, continuing from the checkpoint ``resume`` if given
-    (weights, EMA, optimizer, schedule and step count); returns (model with final
-    weights, datamodule, last checkpoint)."""
+    (weights, EMA, optimizer, schedule, step count, data position and random generator
+    states: the run ends as an uninterrupted one would, orchestration/resume.py); returns
+    (model with final weights, datamodule, last checkpoint)."""
     allow = cfg.get("allow_targets")  # extra target prefixes the run config permits
     validate_target_config(cfg.model, "model", allow_targets=allow)
     validate_target_config(cfg.data, "data", allow_targets=allow)
-    pl.seed_everything(int(cfg.get("seed", 0)), workers=True)
+    seed = int(cfg.get("seed", 0))
+    pl.seed_everything(seed, workers=True)
+    if resume:  # temporaries of the killed run beside its checkpoint (utils/atomic.py)
+        remove_stale_temporaries(Path(resume).parent)
     save_config(cfg, run_dir / "config.yaml")
+    run_info = write_run_info(run_dir)  # git commit (dirty or not) and versions: <run>/run_info.yaml
     datamodule = instantiate_from_configs(cfg.data, "data", allow_targets=allow)
+    if hasattr(datamodule, "train_seed"):  # training order, noise and augmentation follow `seed`
+        datamodule.train_seed = seed
     model = instantiate_from_configs(cfg.model, "model", allow_targets=allow)
     if cfg.get("init_from") and not resume:
         init_weights(model, cfg.init_from, allow)
     trainer = build_trainer(cfg, run_dir)
-    # the whole resolved run config goes to the logger (the DataModule saves no hparams of
-    # its own, so checkpoints carry no data paths)
-    trainer.logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    # the whole resolved run config and the run info (git commit) go to the logger (the
+    # DataModule saves no hparams of its own, so checkpoints carry no data paths)
+    trainer.logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": run_info})
     start = time.time()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(ckpt)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+        ckpt = run_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(ckpt)
+    finally:
+        if isinstance(trainer.logger, WandbLogger):  # else a later run of this process (the U-Net
+            trainer.logger.experiment.finish()     # baseline) would log into this wandb run
     print(f"trained {trainer.global_step} steps in {time.time() - start:.0f} s; checkpoint: {ckpt}")
     return model, datamodule, ckpt

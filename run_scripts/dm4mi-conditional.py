@@ -3,8 +3,9 @@
     python run_scripts/dm4mi-conditional.py --config run_scripts/configs/ddpm-cond/demo.yaml [key=value ...]
 
 Overrides use OmegaConf's dotlist syntax (``trainer.max_steps=100``). The resolved config,
-checkpoints, wandb files (offline unless ``logging.wandb_sync=true``) and the evaluation
-table and figures go to ``<logging.save_dir>/<logging.name>-<timestamp>/``.
+``run_info.yaml`` (git commit), checkpoints, the logger's files (``logging.logger``: wandb,
+offline unless ``logging.wandb_sync=true``, tensorboard or csv) and the evaluation table
+and figures go to ``<logging.save_dir>/<logging.name>-<timestamp>/``.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "run_scripts" / "configs"
 EXP01 = CONFIG_DIR / "ddpm-cond" / "exp01_brain_1BA001_ct_config.yaml"
 BUNDLED = CONFIG_DIR / "ddpm-cond" / "bundled_ct_mr.yaml"
-ALL_CONFIGS = sorted(CONFIG_DIR.rglob("*.yaml"))
+ALL_CONFIGS = sorted(p for p in CONFIG_DIR.rglob("*.yaml") if p.parent.name != "study")  # study configs: test_study.py
 
 
 def test_exp01_config_builds_the_reference_condition_ddpm():
@@ -56,11 +56,11 @@ def test_shipped_configs_were_found():
 
 def test_overrides_apply_to_any_section():
     cfg = load_config(BUNDLED, ["trainer.max_steps=5", "model.params.unet_rosinality_config.params.channel=8",
-                                "evaluation.sigmas=[0.1]", "seed=3", "logging.wandb=false",
+                                "evaluation.sigmas=[0.1]", "seed=3", "logging.logger=csv",
                                 "sampling.steps=4"])
     assert cfg.trainer.max_steps == 5 and cfg.seed == 3 and cfg.sampling.steps == 4
     assert cfg.model.params.unet_rosinality_config.params.channel == 8
-    assert list(cfg.evaluation.sigmas) == [0.1] and cfg.logging.wandb is False
+    assert list(cfg.evaluation.sigmas) == [0.1] and cfg.logging.logger == "csv"
     # untouched keys keep their file values
     assert cfg.model.params.timesteps == OmegaConf.load(BUNDLED).model.params.timesteps
 
@@ -167,7 +167,7 @@ def test_missing_config_file(tmp_path):
 def test_unknown_trainer_argument_is_a_config_error(tmp_path):
     from orchestration.training import build_trainer
 
-    cfg = load_config(BUNDLED, ["logging.wandb=false", "trainer.max_stepz=3"])
+    cfg = load_config(BUNDLED, ["logging.logger=csv", "trainer.max_stepz=3"])
     with pytest.raises(ConfigError, match=r"trainer:.*max_stepz"):
         build_trainer(cfg, tmp_path)
 

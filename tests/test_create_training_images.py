@@ -189,6 +189,49 @@ def test_interrupted_write_leaves_no_file(tmp_path, monkeypatch):
     assert leftover(out) == []
 
 
+KILLED_CONVERSION = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[1])
+from utils import create_training_images as cti
+
+def killed(iterable, **kwargs):  # the progress bar: SIGKILL after the first slice is written
+    for i, item in enumerate(iterable):
+        if i == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield item
+
+cti.tqdm = killed
+cti.save_as_hdf5(sys.argv[2], "ct", sys.argv[3], image_size=16)
+"""
+
+
+def test_temporary_of_a_killed_conversion_is_removed_by_the_next(tmp_path):
+    """SIGKILL in the middle of writing leaves a hidden temporary (named after the dead
+    process); the next conversion into that folder removes it, and leaves alone a temporary
+    that a running process (here: this one) is writing."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from utils.atomic import temp_prefix
+
+    src = write_nifti(tmp_path / "v.nii.gz", ct_phantom())
+    out = tmp_path / "o"
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CONVERSION, str(root), str(src), str(out)],
+                            stderr=subprocess.PIPE)
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    stale = leftover(out)
+    assert len(stale) == 1 and stale[0].startswith(temp_prefix(proc.pid)) and stale[0].endswith(".h5"), stale
+    assert (out / stale[0]).stat().st_size > 0
+    live = out / f"{temp_prefix()}abcdefgh.h5"
+    live.write_bytes(b"being written")
+    save_as_hdf5(src, "ct", out, image_size=16, progress=False)
+    assert leftover(out) == sorted(["ct.h5", live.name])
+
+
 # ---- planes -------------------------------------------------------------------------
 # An (X=20, Y=10, Z=24) RAS volume at 1.2 x 3.0 x 1.5 mm, stored with a non-trivial affine:
 # array axis i runs to the patient's left, j inferior, k anterior.

@@ -85,7 +85,7 @@ def main_job(tmp_path_factory):
         "model.params.unet_rosinality_config.params.channel=8",
         "model.params.unet_rosinality_config.params.channel_multiplier=[1,2]",
         "data.params.image_size=16", "data.params.stride=16", "data.params.batch_size=4",
-        "logging.wandb=false", "logging.name=tiny",
+        "logging.logger=csv", "logging.name=tiny",
         "evaluation.max_slices_per_source=1", "evaluation.sigmas=[0.1]", "evaluation.pretrained_ddpm=null", "evaluation.unet_ckpt=null",
         "evaluation.n_examples=1", "sampling.steps=2",
     ] + [f"trainer.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TRAINER.items()]

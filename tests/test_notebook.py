@@ -22,7 +22,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "run_scripts" / "dm4mi-conditional.ipynb"
 USAGE = ROOT / "docs" / "USAGE.md"
-CONFIGS = sorted((ROOT / "run_scripts" / "configs").rglob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "run_scripts" / "configs").rglob("*.yaml") if p.parent.name != "study")  # run configs
 PSNR_LINE = re.compile(r"PSNR body: noisy ([-\d.]+) dB, denoised ([-\d.]+) dB")
 VOLUME_LINE = re.compile(r"volume PSNR body: noisy ([-\d.]+) dB, denoised ([-\d.]+) dB")
 #: config section -> the docs/USAGE.md heading ("## ...") that documents it

@@ -41,7 +41,7 @@ def payload(target: str, marker: Path) -> dict:
 def run_config(marker: Path, target: str, where: str) -> dict:
     cfg = {"seed": 0, "model": tiny_model_cfg(),
            "data": {"target": DATAMODULE, "params": {"volumes": [], "image_size": 16}},
-           "trainer": {"max_steps": 1, "accelerator": "cpu"}, "logging": {"wandb": False},
+           "trainer": {"max_steps": 1, "accelerator": "cpu"}, "logging": {"logger": "csv"},
            "evaluation": {"sigmas": [0.1], "methods": []}}
     evil = payload(target, marker)
     if where == "top":
@@ -337,7 +337,7 @@ def test_a_real_training_checkpoint_loads_with_weights_only(tmp_path):
     run = OmegaConf.create({"trainer": {"max_steps": 2, "accelerator": "cpu", "limit_val_batches": 0,
                                         "enable_progress_bar": False, "enable_model_summary": False,
                                         "log_every_n_steps": 1},
-                            "logging": {"wandb": False, "checkpoint_every_n_steps": 1}})
+                            "logging": {"logger": "csv", "checkpoint_every_n_steps": 1}})
     trainer = build_trainer(run, tmp_path)
     x = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     trainer.fit(model, train_dataloaders=DataLoader([{"x_prior": v, "x_cond": v} for v in x], batch_size=4))

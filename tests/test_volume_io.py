@@ -1,5 +1,9 @@
 """DICOM series in, robustly: unreadable, truncated, duplicated or unevenly spaced slices are
-refused with the files named, never skipped silently."""
+refused with the files named, never skipped silently; a truncated NIfTI file is named too."""
+import gzip
+import re
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pydicom.uid import generate_uid
@@ -62,3 +66,21 @@ def test_non_dicom_files_are_skipped_with_a_warning(tmp_path):
     with pytest.warns(UserWarning, match="skipped 1 non-DICOM file.*README.txt"):
         volume, _, _ = load_volume(folder)
     assert volume.shape[2] == 3
+
+
+BUNDLED_CT = Path(__file__).resolve().parents[1] / "run_scripts" / "data" / "ct_cranium.nii.gz"
+
+
+@pytest.mark.parametrize("kind", ["first half of the .nii.gz", "first half of the .nii", "gzip header only"])
+def test_a_truncated_nifti_is_named(tmp_path, kind):
+    """The header of a cut file still reads; the voxel data then ends early (EOFError of gzip,
+    OSError of nibabel) and the error names the file."""
+    data = BUNDLED_CT.read_bytes()
+    if kind == "first half of the .nii":
+        path, raw = tmp_path / "cut.nii", gzip.decompress(data)
+        path.write_bytes(raw[: len(raw) // 2])
+    else:
+        path = tmp_path / "cut.nii.gz"
+        path.write_bytes(data[: len(data) // 2] if kind.startswith("first") else data[:100])
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        load_volume(path)

@@ -30,8 +30,9 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from utils.atomic import atomic_write
+from utils.atomic import atomic_write, remove_stale_temporaries
 from utils.intensity import check_modality, normalize
+from utils.paths import check_name
 from utils.planes import ACQUISITION, PLANE_AXES, PLANES, acquisition_plane, cut_plane, parse_planes
 from utils.volume_io import load_volume
 
@@ -101,8 +102,11 @@ def save_as_hdf5(
     a list of plane names returns the list of Paths (plane_file_names: ``<datasetname>_<plane>.h5``
     per plane when it holds several). Every plane is checked before any file is written;
     each file is written to a temporary file and renamed when complete, and a failure
-    removes the files of this call's other planes.
+    removes the files of this call's other planes. Temporary files that a killed
+    conversion left in ``targetdir`` are removed first (``utils.atomic.remove_stale_temporaries``:
+    never one that a running process is still writing).
     """
+    check_name(datasetname, "datasetname")  # the file name: no '/', '\\', '..', no leading '.'
     targetdir = Path(targetdir)
     if targetdir.exists() and not targetdir.is_dir():
         raise NotADirectoryError(f"target folder {targetdir} is a file")
@@ -142,6 +146,7 @@ def save_as_hdf5(
         cuts.append((target, x01, origins, attrs))
 
     targetdir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(targetdir)  # left by a conversion that was killed (utils/atomic.py)
     written = []
     try:
         for target, x01, origins, attrs in cuts:

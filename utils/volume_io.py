@@ -161,11 +161,17 @@ def read_image(inputpath):
 
 def ras_array(img, name) -> tuple[np.ndarray, tuple[float, float, float]]:
     """An image reoriented to the closest RAS axes (permuted/flipped, never resampled):
-    (X, Y, Z) float32 physical values and (x, y, z) mm; ValueError for NaN/inf voxels."""
+    (X, Y, Z) float32 physical values and (x, y, z) mm; ValueError naming ``name`` for NaN/inf
+    voxels or voxel data that cannot be read (a truncated or corrupt .nii/.nii.gz: the header
+    reads, the data ends early)."""
     import nibabel as nib
 
     canonical = nib.as_closest_canonical(img)
-    volume = np.asarray(canonical.dataobj, dtype=np.float32)
+    try:
+        volume = np.asarray(canonical.dataobj, dtype=np.float32)
+    except Exception as err:  # EOFError / zlib.error / OSError of a truncated gzip, short data of a .nii
+        raise ValueError(f"{name}: cannot read the voxel data, the file is truncated or corrupt "
+                         f"({type(err).__name__}: {err})") from err
     if not np.isfinite(volume).all():
         raise ValueError(f"{name} has {int((~np.isfinite(volume)).sum())} NaN or inf voxels")
     return volume, tuple(float(z) for z in canonical.header.get_zooms()[:3])

@@ -12,8 +12,13 @@ split: all of a volume's planes go to the same split. Slab split: the slabs are 
 the slice axis of the acquisition plane (else the first listed plane); only that plane
 gives val/test data, and the other planes give training patches whose pixels lie inside
 the train slab (a coronal slice crosses every axial slab).
-Train: patches with fresh noise (optional augmentation). Val: patches with noise fixed by
-``seed``. Test: full slices with noise fixed by ``seed`` (batch size 1, slices differ in size).
+Train: patches with fresh noise (optional augmentation), read through a
+resumable.ResumableLoader: order, noise and augmentation follow (train_seed, epoch, item),
+and Lightning checkpoints save the loader's position, so a resumed run reads what an
+uninterrupted one would. Val: patches with noise fixed by ``seed``. Test: full slices with
+noise fixed by ``seed`` (batch size 1, slices differ in size). No loader draws from torch's
+global random generator (each has its own), so the model's random stream does not depend
+on when loaders are made.
 """
 
 import re
@@ -22,16 +27,18 @@ from pathlib import Path
 import h5py
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from diffusion_modules.diffusion_utils.augment import Augmentation
 from diffusion_modules.diffusion_utils.hdf5dataset import HDF5PatchDataset, HDF5SliceDataset, read_meta
 from diffusion_modules.diffusion_utils.noise import build_noise
+from diffusion_modules.diffusion_utils.resumable import ResumableLoader, ResumableSampler
 from utils.create_training_images import FORMAT_VERSION, plane_file_names, save_as_hdf5
 from utils.planes import ACQUISITION, PLANE_AXES, parse_planes
 from utils.volume_io import source_stem
 from utils.intensity import check_modality
-from utils.paths import resolve_path
+from utils.paths import check_name, resolve_path
 
 DEFAULT_SPLIT = {"mode": "slab", "fractions": [0.7, 0.15, 0.15], "gap": 4}
 DEFAULT_NOISE = {"type": "gaussian", "sigma": 0.1}
@@ -46,9 +53,10 @@ def infer_modality(path: Path) -> str:
     return found.pop()
 
 
-def volume_entry(entry, allowed: tuple[str, ...], where: str) -> dict:
+def volume_entry(entry, allowed: tuple[str, ...], where: str, index: int | None = None) -> dict:
     """A volume list entry (a path, or a mapping with 'path' and some of ``allowed``) as a
-    dict; ValueError naming ``where`` (the config list) otherwise."""
+    dict; ValueError naming ``where`` (the config list) otherwise, and a ConfigError naming
+    ``where[index].name`` for a ``name`` that is not a plain file name (utils.paths.check_name)."""
     if isinstance(entry, (str, Path)):
         entry = {"path": entry}
     elif hasattr(entry, "items"):
@@ -58,12 +66,14 @@ def volume_entry(entry, allowed: tuple[str, ...], where: str) -> dict:
     unknown = set(entry) - set(allowed)
     if "path" not in entry or unknown:
         raise ValueError(f"{where} entry {entry!r}: needs key 'path', allows only {', '.join(allowed)}")
+    if entry.get("name") not in (None, ""):  # "" or null: the default name
+        check_name(entry["name"], f"{where}[{index}].name" if index is not None else f"{where} entry name")
     return entry
 
 
-def parse_volume(entry) -> dict:
+def parse_volume(entry, index: int | None = None) -> dict:
     """Normalize a volumes entry (path string or {path, modality, name}) to a dict."""
-    entry = volume_entry(entry, ("path", "modality", "name"), "volumes")
+    entry = volume_entry(entry, ("path", "modality", "name"), "volumes", index)
     path = resolve_path(entry["path"])
     if path.suffix.lower() == ".h5":
         return {"path": path, "h5": True, "name": entry.get("name") or source_stem(path)}
@@ -141,6 +151,9 @@ class DenoisingDataModule(pl.LightningDataModule):
     augment: augmentation of the clean training patches (never val/test): true (flips/rot90),
         false, or a mapping {flips, rescale, gamma, contrast, brightness} (see augment.py).
     seed: seed of the fixed val/test noise.
+    train_seed (attribute, not a parameter): seed of the training order, noise and
+        augmentation; orchestration.training.train sets it to the run's ``seed``, and None
+        (a DataModule used on its own) takes ``seed``.
     in_memory: hold the train/val patches in memory (per worker) instead of reading HDF5 per item.
     lowdose_cache: low-dose CT noise realisations kept per training slice (each costs about
         1 s to simulate; more means more varied noise, fewer means faster epochs).
@@ -167,7 +180,7 @@ class DenoisingDataModule(pl.LightningDataModule):
         super().__init__()
         if volumes is None or isinstance(volumes, (str, Path)) or len(volumes) == 0:
             raise ValueError("volumes must be a non-empty list of paths or {path, modality, name} mappings")
-        self.volumes = [parse_volume(v) for v in volumes]
+        self.volumes = [parse_volume(v, i) for i, v in enumerate(volumes)]
         names = [v["name"] for v in self.volumes]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -186,6 +199,7 @@ class DenoisingDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.augment = Augmentation.from_config(augment)
         self.seed, self.in_memory = int(seed), bool(in_memory)
+        self.train_seed: int | None = None
         if int(lowdose_cache) < 1:
             raise ValueError(f"lowdose_cache must be >= 1 noise realisation per slice, got {lowdose_cache}")
         self.lowdose_cache = int(lowdose_cache)
@@ -314,7 +328,13 @@ class DenoisingDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:
             self.setup()
-        return self._make(self.train_set, self.batch_size, shuffle=True)
+        seed = self.seed if self.train_seed is None else int(self.train_seed)
+        trainer = getattr(self, "trainer", None)  # under DDP each rank reads its share
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ResumableSampler(self.train_set, seed, num_replicas=replicas, rank=rank, shuffle=True)
+        return ResumableLoader(self.train_set, batch_size=self.batch_size, sampler=sampler,
+                               num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                               generator=torch.Generator().manual_seed(seed))
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:
@@ -333,6 +353,7 @@ class DenoisingDataModule(pl.LightningDataModule):
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),  # not torch's global generator
         )
 
     def test_slices(self) -> list[dict]:

@@ -9,7 +9,10 @@ HDF5SliceDataset items add slice_index, source, modality, norm and spacing (mm).
 
 Noise: noise_seed=None draws fresh noise at every read (training); an int fixes the noise
 of item i with np.random.default_rng([noise_seed, i]), identical across runs, machines,
-worker counts and DataModules.
+worker counts and DataModules. A training read by the key ``(i, seed, epoch)`` (what
+resumable.ResumableSampler yields) draws item i's noise and augmentation from
+np.random.default_rng([TRAIN_STREAM, seed, epoch, i]): fresh every epoch, yet the same in
+every run with that seed, in any worker and after a resume.
 
 Files are opened lazily, once per process, so the datasets pickle into DataLoader workers
 without open HDF5 handles.
@@ -18,7 +21,9 @@ Low-dose CT noise (a model with ``per_slice = True``) is simulated on whole slic
 1 s each) and patches are cropped from it. HDF5PatchDataset caches the noise of up to
 ``lowdose_cache`` realisations per slice during training (drawn among at random once
 full) and one seeded realisation per slice when noise_seed is set
-(rng = default_rng([noise_seed, file number, slice])).
+(rng = default_rng([noise_seed, file number, slice])). A keyed training read picks
+realisation j < lowdose_cache with its generator and simulates it, on first use in a process,
+from default_rng([TRAIN_STREAM, seed, file number, slice, j]).
 
 Augmentation (augment.py) changes the clean patch before the noise is added, drawing from
 the item's generator. Its voxel-size rescale reads the source window from the whole slice
@@ -42,6 +47,8 @@ from utils.create_training_images import UINT16_SCALE
 from utils.volume_io import source_stem
 
 REQUIRED = ("volume", "patches", "slice_index", "origin")
+#: first entropy word of the keyed training generators, kept apart from the noise_seed ones
+TRAIN_STREAM = 0x7472
 
 
 def read_meta(path: Path) -> dict:
@@ -127,12 +134,25 @@ class _HDF5Base(Dataset):
             self._handles[key] = self._handles[k][name]
         return self._handles[key]
 
-    def _rng(self, index: int) -> np.random.Generator:
-        """Seeded per item when noise_seed is set, else this process's fresh-entropy generator."""
+    def _rng(self, index: int, draw: tuple[int, int] | None = None) -> np.random.Generator:
+        """Seeded per item when noise_seed is set; else per (seed, epoch, item) for a keyed
+        read (``draw`` = (seed, epoch)), else this process's fresh generator."""
         if self.noise_seed is not None:
             return np.random.default_rng([self.noise_seed, index])
+        if draw is not None:
+            return np.random.default_rng([TRAIN_STREAM, *draw, index])
         self._check_process()
         return self._fresh_rng
+
+    def _key(self, key) -> tuple[int, tuple[int, int] | None]:
+        """(index, draw) of a read: an int index, or a key (index, seed, epoch)."""
+        if isinstance(key, (tuple, list)):
+            index, draw = int(key[0]), (int(key[1]), int(key[2]))
+        else:
+            index, draw = int(key), None
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        return index, draw
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -167,8 +187,16 @@ class HDF5PatchDataset(_HDF5Base):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _per_slice_noise(self, k: int, z: int, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    def _per_slice_noise(self, k: int, z: int, rng: np.random.Generator, draw=None) -> tuple[np.ndarray, float]:
         """(noise in [0,1] units, sigma) of slice z of file k, cached (see module docstring)."""
+        if draw is not None and self.noise_seed is None:  # keyed: realisation j, seeded
+            j = int(rng.integers(self.lowdose_cache))
+            key = (k, z, draw[0], j)
+            if key not in self._slice_noise:
+                clean = self._data(k, "volume")[z].astype(np.float32) / UINT16_SCALE
+                noisy, sigma = self._noise[k](clean, np.random.default_rng([TRAIN_STREAM, draw[0], k, z, j]))
+                self._slice_noise[key] = (noisy - clean, sigma)
+            return self._slice_noise[key]
         key = (k, z)
         cache = self._slice_noise.setdefault(key, [])
         limit = 1 if self.noise_seed is not None else self.lowdose_cache
@@ -204,17 +232,16 @@ class HDF5PatchDataset(_HDF5Base):
 
         return read
 
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} patches")
+    def __getitem__(self, key) -> dict:
+        index, draw = self._key(key)
         k, row = (int(v) for v in self.rows[index])
         clean = self._array(k, "patches")[row].astype(np.float32) / UINT16_SCALE
-        rng = self._rng(index)
+        rng = self._rng(index, draw)
         z = int(self.meta[k]["slice_index"][row])
         r, c = (int(v) for v in self.meta[k]["origin"][row])
         read = self._reader(k, z, r, c) if self.augment.rescale is not None else None
         if getattr(self._noise[k], "per_slice", False):
-            noise, sigma = self._per_slice_noise(k, z, rng)
+            noise, sigma = self._per_slice_noise(k, z, rng, draw)
             noise = noise[r : r + clean.shape[0], c : c + clean.shape[1]]
             if self.augment:
                 p = self.augment.draw(rng, clean.shape)
@@ -245,15 +272,14 @@ class HDF5SliceDataset(_HDF5Base):
         k, z = self.items[index]
         return self._data(k, "volume")[z].astype(np.float32) / UINT16_SCALE
 
-    def __getitem__(self, index: int) -> dict:
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} slices")
+    def __getitem__(self, key) -> dict:
+        index, draw = self._key(key)
         k, z = self.items[index]
         clean = self.clean_slice(index)
         if self.noise is None:
             noisy, sigma = clean, 0.0
         else:
-            noisy, sigma = self._noise[k](clean, self._rng(index))
+            noisy, sigma = self._noise[k](clean, self._rng(index, draw))
         meta = self.meta[k]
         item = to_item(clean, noisy, sigma, index)
         item.update(
