@@ -226,7 +226,7 @@ def _set_tables(summary, slices, photons: bool) -> list:
 
 
 # ----------------------------------------------------------------------------- figures
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,8 +235,8 @@ def _pyplot():
     return plt
 
 
-def _save_figure(path: Path, fig) -> Path:
-    plt = _pyplot()
+def save_figure(path: Path, fig) -> Path:
+    plt = pyplot()
     try:
         return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     finally:
@@ -246,7 +246,7 @@ def _save_figure(path: Path, fig) -> Path:
 def plot_vs_level(path: Path, summary, noise_type: str = "gaussian") -> Path:
     """PSNR / SSIM (whole and body) against the noise level, one line per method, one
     row per (set, modality); i0 on a log axis."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("psnr_masked", "PSNR body (dB)"),
               ("ssim_masked", "SSIM body"))
     photons = level_name(noise_type) == "i0"
@@ -273,12 +273,12 @@ def plot_vs_level(path: Path, summary, noise_type: str = "gaussian") -> Path:
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.tight_layout()
-    return _save_figure(path, fig)
+    return save_figure(path, fig)
 
 
 def plot_examples(path: Path, examples, noise_type: str = "gaussian") -> Path:
     """Per example slice: clean, noisy, each method with its PSNR, and the std maps."""
-    plt = _pyplot()
+    plt = pyplot()
     symbol = "i0" if level_name(noise_type) == "i0" else "σ"
     methods = list(dict.fromkeys(m for ex in examples for m in ex["preds"]))
     std_methods = list(dict.fromkeys(m for ex in examples for m in ex["stds"]))
@@ -309,7 +309,7 @@ def plot_examples(path: Path, examples, noise_type: str = "gaussian") -> Path:
             ax.set_xticks([])
             ax.set_yticks([])
     fig.tight_layout()
-    return _save_figure(path, fig)
+    return save_figure(path, fig)
 
 
 # ----------------------------------------------------------------------------- predictions
