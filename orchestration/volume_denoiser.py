@@ -2,10 +2,12 @@
 
 NIfTI file or DICOM series folder in, NIfTI out in the input's units (HU stays HU, MR
 scanner units stay scanner units), with the input's shape, affine and header (a DICOM
-series gets the affine of its geometry). Slices are cut in the plane asked for (default the
-acquisition plane), scaled to [0,1] like the training data (utils.intensity), denoised in
-batches from the matched start and mapped back. Slices larger than ``tile`` pixels are cut
-into overlapping tiles whose outputs are blended with linear ramps, so no seam shows.
+series gets the affine of its geometry); a DICOM series in can also give a DICOM series out
+(new UIDs, the input's geometry and stored representation; ``utils.dicom_writer``). Slices
+are cut in the plane asked for (default the acquisition plane), scaled to [0,1] like the
+training data (utils.intensity), denoised in batches from the matched start and mapped back.
+Slices larger than ``tile`` pixels are cut into overlapping tiles whose outputs are blended
+with linear ramps, so no seam shows.
 """
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from tqdm import tqdm
 from models.ddpm_conditioned import ConditionDDPM
 from diffusion_modules.diffusion_utils.noise_level import estimate_noise_sigma
 from utils.atomic import atomic_write
+from utils.dicom_writer import check_output_folder, check_writable, write_dicom_series
 from utils.intensity import check_modality, normalize, to_physical
 from utils.planes import ACQUISITION, PLANE_AXES, PLANES, acquisition_plane, cut_plane
-from utils.volume_io import ras_array, read_image
+from utils.volume_io import from_ras_array, ras_array, read_dicom_series, read_image
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -85,10 +88,7 @@ def _write_like(reference, ras_values: np.ndarray, path: Path) -> Path:
     """Write RAS values as a float32 NIfTI with the reference image's shape, affine and header."""
     import nibabel as nib
 
-    canonical = nib.as_closest_canonical(reference)
-    back = nib.orientations.ornt_transform(nib.orientations.io_orientation(canonical.affine),
-                                           nib.orientations.io_orientation(reference.affine))
-    data = nib.orientations.apply_orientation(ras_values, back).astype(np.float32)
+    data = from_ras_array(reference, ras_values).astype(np.float32)
     header = reference.header.copy()
     header.set_data_dtype(np.float32)
     out = nib.Nifti1Image(data, reference.affine, header)
@@ -96,23 +96,45 @@ def _write_like(reference, ras_values: np.ndarray, path: Path) -> Path:
     return atomic_write(path, lambda tmp: nib.save(out, tmp))
 
 
-def denoise_volume(model: ConditionDDPM, input_path, output_path, *, std_path=None, modality: str | None = None,
-                   sigma="auto", steps: int = 10, n_samples: int = 1, eta: float = 0.0, plane: str = ACQUISITION,
-                   batch_size: int = 8, tile: int = 256, overlap: int = 32, seed: int = 0,
-                   progress: bool = True) -> dict:
+def check_dicom_output(input_path, output_dicom) -> None:
+    """Refuse a DICOM series output before any work: the input must be a DICOM series
+    folder, the output folder new or empty and not inside the input folder."""
+    src, out = Path(input_path), Path(output_dicom)
+    if not src.exists():
+        raise FileNotFoundError(f"input path does not exist: {src}")
+    if not src.is_dir():
+        raise ValueError(f"a DICOM series output needs a DICOM series folder as input, {src} is a file "
+                         "(write NIfTI output only)")
+    if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+        raise ValueError(f"DICOM output folder {out} lies inside the input series folder {src}: choose another")
+    check_output_folder(out)
+
+
+def denoise_volume(model: ConditionDDPM, input_path, output_path, *, std_path=None, output_dicom=None,
+                   modality: str | None = None, sigma="auto", steps: int = 10, n_samples: int = 1,
+                   eta: float = 0.0, plane: str = ACQUISITION, batch_size: int = 8, tile: int = 256,
+                   overlap: int = 32, seed: int = 0, progress: bool = True) -> dict:
     """Denoise a NIfTI file or DICOM series folder into ``output_path`` (and the per-voxel std
-    of ``n_samples`` samples into ``std_path``), both in the input's units.
+    of ``n_samples`` samples into ``std_path``), both in the input's units; with
+    ``output_dicom`` (a DICOM series folder input only) also a DICOM series into that new or
+    empty folder, one file per input slice (see ``utils.dicom_writer``).
 
     sigma: the noise std on the [0,1] scale of the training data, or "auto" to estimate it.
-    Returns what was done: sigma ([0,1] and input units), t*, plane, slices, seconds.
+    Returns what was done: sigma ([0,1] and input units), t*, plane, slices, output paths, seconds.
     """
     start = time.time()
     for path in (output_path, std_path):  # checked before any work, so no output is left half done
         if path is not None and not Path(path).name.endswith((".nii", ".nii.gz")):
             raise ValueError(f"output {path} must end in .nii or .nii.gz")
+    if output_dicom is not None:
+        check_dicom_output(input_path, output_dicom)
     if not isinstance(model, ConditionDDPM):
         raise TypeError(f"the checkpoint holds a {type(model).__name__}, not a ConditionDDPM")
-    img, found = read_image(input_path)
+    if output_dicom is None:
+        img, found = read_image(input_path)
+    else:
+        img, found, files = read_dicom_series(Path(input_path))
+        check_writable(files)
     modality = check_modality(modality or found or "")
     ras, zooms = ras_array(img, input_path)
     plane = acquisition_plane(zooms) if plane == ACQUISITION else plane
@@ -134,9 +156,16 @@ def denoise_volume(model: ConditionDDPM, input_path, output_path, *, std_path=No
     mean01, std01 = denoise_slices(model, slices01, sigma, steps=steps, n_samples=n_samples, eta=eta,
                                    batch_size=batch_size, tile=tile, overlap=overlap, generator=generator,
                                    progress=progress)
-    info["output"] = _write_like(img, to_physical(_uncut_plane(mean01, plane), norm), Path(output_path))
+    mean = to_physical(_uncut_plane(mean01, plane), norm)
+    info["output"] = _write_like(img, mean, Path(output_path))
     if std_path is not None:
         std_units = _uncut_plane(std01, plane) * np.float32(norm["high"] - norm["low"])
         info["std"] = _write_like(img, std_units, Path(std_path))
+    if output_dicom is not None:
+        derivation = (f"denoised by CDM4MI (conditional diffusion model, DDIM from the matched start "
+                      f"t*={t_star}): sigma {sigma:.4g} on the [0,1] scale, {min(steps, t_star + 1)} steps, "
+                      f"{n_samples} sample(s), eta {eta}, {plane} slices")
+        info["output_dicom"] = write_dicom_series(output_dicom, from_ras_array(img, mean), files, Path(input_path),
+                                                  derivation)
     info["seconds"] = time.time() - start
     return info

@@ -2,12 +2,16 @@ r"""Denoise a whole CT/MR volume with a trained conditional DDPM.
 
     python run_scripts/denoise.py --ckpt pretrained/cdm4mi_bundled_ct_mr.ckpt \
         --input scan.nii.gz|DICOM_FOLDER --output den.nii.gz [--std std.nii.gz] \
+        [--output-dicom NEW_FOLDER] \
         [--sigma auto|VALUE] [--steps 10] [--samples 1] [--eta 0] \
         [--plane acquisition|axial|coronal|sagittal] [--modality ct|mr] \
         [--device cpu|cuda] [--batch-size 8] [--tile 256] [--overlap 32] [--seed 0]
 
 The output is a NIfTI volume in the input's units (HU for CT) with the input's shape and
 affine; --std writes the per-voxel std of --samples posterior samples (needs --eta > 0).
+A DICOM series folder input can also be written back as a DICOM series (--output-dicom, a
+new or empty folder): one file per input slice, new series and instance UIDs, the input's
+geometry and stored pixel representation.
 --sigma is the noise std on the [0,1] scale the model was trained on (CT: HU -1024..3071,
 MR: its foreground percentile window); "auto" estimates it from the scan and prints it in
 the input's units too.
@@ -22,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.ddpm_conditioned import ConditionDDPM  # noqa: E402
 from orchestration.checkpoints import load_checkpoint  # noqa: E402
-from orchestration.volume_denoiser import denoise_volume  # noqa: E402
+from orchestration.volume_denoiser import check_dicom_output, denoise_volume  # noqa: E402
 from utils.planes import ACQUISITION, PLANES  # noqa: E402
 
 
@@ -41,6 +45,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--input", required=True, help="NIfTI file (.nii, .nii.gz) or DICOM series folder")
     parser.add_argument("--output", required=True, help="denoised NIfTI (.nii or .nii.gz)")
     parser.add_argument("--std", help="per-voxel std of the samples, NIfTI, input units")
+    parser.add_argument("--output-dicom", metavar="FOLDER",
+                        help="also write a DICOM series (new or empty folder; DICOM series input only)")
     parser.add_argument("--sigma", type=sigma_arg, default="auto", help="noise std on the [0,1] scale, or auto")
     parser.add_argument("--steps", type=int, default=10, help="DDIM steps from the matched start (network calls)")
     parser.add_argument("--samples", type=int, default=1, help="posterior samples averaged per slice")
@@ -56,11 +62,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.std and args.samples < 2:
         parser.error("--std needs --samples >= 2 (and --eta > 0): one sample has no spread")
     try:
+        if args.output_dicom:
+            check_dicom_output(args.input, args.output_dicom)  # before the checkpoint is read
         model = load_checkpoint(ConditionDDPM, args.ckpt, map_location=args.device)
-        info = denoise_volume(model, args.input, args.output, std_path=args.std, modality=args.modality,
-                              sigma=args.sigma, steps=args.steps, n_samples=args.samples, eta=args.eta,
-                              plane=args.plane, batch_size=args.batch_size, tile=args.tile, overlap=args.overlap,
-                              seed=args.seed)
+        info = denoise_volume(model, args.input, args.output, std_path=args.std, output_dicom=args.output_dicom,
+                              modality=args.modality, sigma=args.sigma, steps=args.steps, n_samples=args.samples,
+                              eta=args.eta, plane=args.plane, batch_size=args.batch_size, tile=args.tile,
+                              overlap=args.overlap, seed=args.seed)
     except (FileNotFoundError, ValueError, TypeError) as err:
         raise SystemExit(f"denoise.py: {err}") from err
     unit = "HU" if info["modality"] == "ct" else "scanner units"
@@ -69,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{info['slices']} {info['plane']} slices in {info['seconds']:.1f} s; wrote {info['output']}")
     if info.get("std"):
         print(f"std map: {info['std']}")
+    if info.get("output_dicom"):
+        print(f"DICOM series: {info['output_dicom']}")
     return info
 
 

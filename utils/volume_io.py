@@ -114,6 +114,13 @@ def dicom_series_image(folder: Path):
     (lower case, or None). Slices are sorted along the slice normal and rescaled with
     RescaleSlope/RescaleIntercept (HU for CT). A series with unreadable, duplicated or
     unevenly spaced slices is refused, naming the files."""
+    img, modality, _ = read_dicom_series(folder)
+    return img, modality
+
+
+def read_dicom_series(folder: Path):
+    """``dicom_series_image`` and the series' files in the order of the image's first array
+    axis: slice ``i`` of the image (rows, columns) is the pixel array of ``files[i]``."""
     import nibabel as nib
 
     slices = read_dicom_slices(folder)
@@ -143,7 +150,7 @@ def dicom_series_image(folder: Path):
     affine[:3, 3] = getattr(slices[0], "ImagePositionPatient", [0.0, 0.0, 0.0])
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
     modality = str(getattr(slices[0], "Modality", "")).lower() or None
-    return nib.Nifti1Image(volume.astype(np.float32), affine), modality
+    return nib.Nifti1Image(volume.astype(np.float32), affine), modality, [Path(ds.filename) for ds in slices]
 
 
 def read_image(inputpath):
@@ -175,6 +182,16 @@ def ras_array(img, name) -> tuple[np.ndarray, tuple[float, float, float]]:
     if not np.isfinite(volume).all():
         raise ValueError(f"{name} has {int((~np.isfinite(volume)).sum())} NaN or inf voxels")
     return volume, tuple(float(z) for z in canonical.header.get_zooms()[:3])
+
+
+def from_ras_array(img, ras_values: np.ndarray) -> np.ndarray:
+    """Inverse of ``ras_array``: (X, Y, Z) RAS values back to the array layout of ``img``
+    (its stored axes and directions; for a DICOM series: slice, row, column)."""
+    import nibabel as nib
+
+    ras_ornt = nib.orientations.io_orientation(nib.as_closest_canonical(img).affine)
+    back = nib.orientations.ornt_transform(ras_ornt, nib.orientations.io_orientation(img.affine))
+    return nib.orientations.apply_orientation(np.asarray(ras_values), back)
 
 
 def load_volume(inputpath) -> tuple[np.ndarray, tuple[float, float, float], str | None]:
