@@ -6,7 +6,9 @@ i.e. 2*sigma in model units.
 """
 from __future__ import annotations
 
+import io
 import math
+from pathlib import Path
 from typing import Mapping
 
 import torch
@@ -18,6 +20,12 @@ from models.ddpm_st_diffusion import DDPM
 #: outside [-1, 1] and beyond any noisy image of the trained noise levels, so no real
 #: condition looks like it (a zero image would be a valid mid-grey one).
 NULL_CONDITION = -4.0
+
+#: Hyper-parameters that earlier versions saved and this one no longer takes, dropped from a
+#: checkpoint by ``ConditionDDPM.load_from_checkpoint``: ``val_denoise_steps`` (the DDIM
+#: steps of the validation PSNR, now ``orchestration.callbacks.ValidationScores`` with the
+#: run config's ``sampling``).
+RETIRED_HPARAMS = frozenset({"val_denoise_steps"})
 
 
 class ConditionDDPM(DDPM):
@@ -38,7 +46,7 @@ class ConditionDDPM(DDPM):
     unet_input_images = 2
 
     def __init__(self, *args, conditioning_key: str = "concat", p_uncond: float = 0.0,
-                 val_denoise_steps: int = 10, p_matched_start: float = 0.0, **kwargs):
+                 p_matched_start: float = 0.0, **kwargs):
         if conditioning_key != "concat":
             raise ValueError(f"conditioning_key '{conditioning_key}' unsupported; only 'concat' is implemented")
         for name, p in (("p_uncond", p_uncond), ("p_matched_start", p_matched_start)):
@@ -47,7 +55,18 @@ class ConditionDDPM(DDPM):
         super().__init__(*args, **kwargs)
         self.p_uncond = p_uncond
         self.p_matched_start = p_matched_start
-        self.val_denoise_steps = val_denoise_steps
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only=None, **kwargs):
+        """Lightning's ``load_from_checkpoint``, for checkpoints of earlier versions too: a
+        hyper-parameter of ``RETIRED_HPARAMS`` is dropped before the model is built (Lightning
+        would pass it on to ``__init__``, which takes ``**kwargs``). The file is read once more
+        for that check; such a checkpoint then loads from an in-memory copy without the key."""
+        if hparams_file is None:
+            checkpoint_path = _without_retired_hparams(checkpoint_path, map_location, weights_only)
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only,
+                                            **kwargs)
 
     def get_condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return batch["x_cond"]
@@ -169,21 +188,12 @@ class ConditionDDPM(DDPM):
 
         return self.denoise_ensemble(noisy, n_samples, batch_size, return_std, draw)
 
-    # ------------------------------------------------------------------ validation and images
+    # ------------------------------------------------------------------ images
     def denoise_matched(self, cond: torch.Tensor, sigmas: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:
         """Deterministic DDIM from each image's matched start (one sigma per image, [0, 1] scale)."""
         g = torch.Generator(device=self.device).manual_seed(seed)
         return torch.cat([self.denoise(c[None], steps=steps, t_start="auto", sigma=float(s), generator=g)
                           for c, s in zip(cond, sigmas)])
-
-    def validation_step(self, batch, batch_idx):
-        loss = super().validation_step(batch, batch_idx)
-        if batch_idx == 0 and "sigma" in batch:
-            n = min(8, batch["x_cond"].shape[0])
-            pred = self.denoise_matched(batch["x_cond"][:n], batch["sigma"][:n], self.val_denoise_steps)
-            mse = ((pred - batch["x_prior"][:n]) / 2).pow(2).mean(dim=(1, 2, 3)).clamp(min=1e-12)
-            self.log("val/psnr_ema", (-10 * torch.log10(mse)).mean(), prog_bar=True, batch_size=n)
-        return loss
 
     @torch.no_grad()
     def log_images(self, batch, n: int = 4, steps: int = 20):
@@ -195,3 +205,25 @@ class ConditionDDPM(DDPM):
         g = torch.Generator(device=self.device).manual_seed(0)
         rows["samples"] = self.denoise(cond, steps=steps, generator=g)
         return rows
+
+
+def _without_retired_hparams(source, map_location, weights_only):
+    """``source`` (a local path or a binary file object, left at its position), or, when its
+    hyper-parameters hold a key of ``RETIRED_HPARAMS``, an in-memory copy without that key.
+    The tensors are read where ``map_location`` puts them (default: their saved device when
+    CUDA is available, else the CPU), so the copy loads onto the same devices."""
+    if isinstance(source, (str, Path)) and "://" in str(source):
+        return source  # a URL: left to Lightning
+    start = None if isinstance(source, (str, Path)) else source.tell()
+    where = map_location if map_location is not None else (None if torch.cuda.is_available() else "cpu")
+    ckpt = torch.load(source, map_location=where, weights_only=weights_only)
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, Mapping) or not RETIRED_HPARAMS & set(hparams):
+        if start is not None:
+            source.seek(start)
+        return source
+    ckpt["hyper_parameters"] = {k: v for k, v in hparams.items() if k not in RETIRED_HPARAMS}
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
+    buffer.seek(0)
+    return buffer

@@ -1,12 +1,19 @@
-"""Lightning callbacks of this project: image rows to the experiment logger, training speed
-and GPU memory per logging interval, a stop on NaN."""
+"""Lightning callbacks of this project: image rows to the experiment logger, validation PSNR
+and SSIM with the configured sampler, training speed and GPU memory per logging interval, a
+stop on NaN."""
 from __future__ import annotations
 
+import inspect
 import time
+from contextlib import nullcontext
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+
+from metrics.image_metrics import ImageMetrics
+from models.ddpm_conditioned import ConditionDDPM
+from models.supervised_unet import SupervisedUNet
 
 
 class ImageLogger(pl.Callback):
@@ -37,6 +44,77 @@ class ImageLogger(pl.Callback):
         for name, row in rows.items():
             strip = torch.cat(list(((row.float().clamp(-1, 1) + 1) / 2).cpu()), dim=-1)
             log_image(key=f"images/{name}", images=[strip], step=step)
+
+
+class ValidationScores(pl.Callback):
+    """``val/psnr`` and ``val/ssim`` of the model's ``denoise`` on a fixed validation batch.
+
+    The batch is the first ``n_images`` images of the first validation batch global rank 0
+    sees, captured once (on the CPU) and kept for the whole run; the validation noise is
+    seeded, so it is the same batch after a resume. At the end of every validation (the
+    sanity check too, so that bad ``sampling`` arguments fail before training) each image
+    is denoised on its own by ``pl_module.denoise(noisy, **sampling)`` with the EMA weights,
+    ``sigma`` set to the image's ``batch["sigma"]`` when ``t_start`` is ``"auto"`` (as the
+    evaluation does), and one ``torch.Generator`` seeded with ``seed`` for all images, so
+    the values are reproducible. ``sampling`` is the run config's ``sampling`` section, the
+    keys ``denoise`` does not take left out (``return_std`` is never asked for).
+
+    Scores: ``metrics.image_metrics.ImageMetrics`` on the [0, 1] scale (data range 1), the
+    clean image (x_prior + 1) / 2 against the prediction (y + 1) / 2 clipped to [0, 1],
+    averaged over the images. Models: ``ConditionDDPM`` and ``SupervisedUNet`` (whose
+    ``denoise(noisy)`` takes no sampling arguments); an unconditional ``DDPM`` is skipped.
+
+    Under DDP only global rank 0 captures, denoises and logs (``rank_zero_only=True``, no
+    ``sync_dist``): the other processes neither wait nor compute, and the two values are not
+    available to callbacks of the other ranks (e.g. a ``ModelCheckpoint`` monitor).
+    """
+
+    def __init__(self, sampling: dict | None = None, n_images: int = 8, seed: int = 0):
+        super().__init__()
+        if n_images < 1:
+            raise ValueError(f"n_images must be >= 1, got {n_images}")
+        self.sampling = {k: v for k, v in dict(sampling or {}).items() if k != "return_std"}
+        self.n_images, self.seed = n_images, seed
+        self.batch: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def applies_to(pl_module) -> bool:
+        return isinstance(pl_module, (ConditionDDPM, SupervisedUNet))
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        if self.batch is not None or batch_idx or dataloader_idx or not trainer.is_global_zero:
+            return
+        if not self.applies_to(pl_module) or not all(k in batch for k in ("x_cond", "x_prior")):
+            return
+        n = self.n_images
+        self.batch = {k: batch[k][:n].detach().cpu().clone() for k in ("x_cond", "x_prior")}
+        if "sigma" in batch:
+            sigma = torch.as_tensor(batch["sigma"]).detach().cpu().float().reshape(-1)
+            self.batch["sigma"] = sigma.expand(batch["x_cond"].shape[0])[:n].clone()
+
+    def scores(self, pl_module) -> dict:
+        """{"psnr", "ssim"}: means over the fixed batch of ``ImageMetrics.image_scores``."""
+        params = inspect.signature(pl_module.denoise).parameters
+        sampling = {k: v for k, v in self.sampling.items() if k in params}
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        if "generator" in params:
+            sampling["generator"] = generator
+        preds = []
+        with getattr(pl_module, "ema_scope", nullcontext)():
+            for i, noisy in enumerate(self.batch["x_cond"]):
+                kw = dict(sampling)
+                if kw.get("t_start") == "auto" and "sigma" in self.batch:
+                    kw["sigma"] = float(self.batch["sigma"][i])
+                preds.append(pl_module.denoise(noisy[None].to(pl_module.device), **kw).float().cpu())
+        pred01 = ((torch.cat(preds) + 1) / 2).clamp(0, 1)
+        scores = ImageMetrics().image_scores((self.batch["x_prior"] + 1) / 2, pred01, dynamic_range=1.0)
+        return {"psnr": scores["psnr"], "ssim": scores["ssim"]}
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if self.batch is None or not trainer.is_global_zero:
+            return
+        for name, value in self.scores(pl_module).items():
+            pl_module.log(f"val/{name}", value, prog_bar=name == "psnr", rank_zero_only=True)
 
 
 def _batch_size(batch) -> int:

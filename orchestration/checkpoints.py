@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from models.ddpm_conditioned import ConditionDDPM
+from models.ddpm_conditioned import RETIRED_HPARAMS, ConditionDDPM
 from models.ddpm_st_diffusion import DDPM
 from models.supervised_unet import SupervisedUNet
 from utils.atomic import atomic_write
@@ -96,13 +96,15 @@ def export_inference_checkpoint(src: str | Path, dst: str | Path, half: bool = T
     A model trained with EMA (``unet_ema.*`` in its state dict) keeps only the EMA UNet, as
     the model's UNet, with ``use_ema`` set to false in its hyper-parameters; other models
     (the supervised U-Net) keep their weights. Optimizer and loop states are dropped and
-    floating tensors stored in float16 when ``half``. Loads with ``Cls.load_from_checkpoint``.
-    The file is written atomically.
+    floating tensors stored in float16 when ``half``; hyper-parameters of earlier versions
+    (``RETIRED_HPARAMS``) are dropped. Loads with ``Cls.load_from_checkpoint``. The file is
+    written atomically.
     """
     ckpt = read_checkpoint(src, src)
     if "state_dict" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"{src}: not a Lightning checkpoint (no state_dict / hyper_parameters)")
-    state, hparams = ckpt["state_dict"], dict(ckpt["hyper_parameters"])
+    state = ckpt["state_dict"]
+    hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if k not in RETIRED_HPARAMS}
     if any(k.startswith("unet_ema.") for k in state):
         state = {"unet." + k[len("unet_ema."):]: v for k, v in state.items() if k.startswith("unet_ema.")}
         hparams["use_ema"] = False

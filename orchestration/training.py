@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from utils.atomic import atomic_write, remove_stale_temporaries
-from orchestration.callbacks import ImageLogger, NonFiniteGuard, TrainingSpeed
+from orchestration.callbacks import ImageLogger, NonFiniteGuard, TrainingSpeed, ValidationScores
 from orchestration.checkpoints import CheckpointError, read_checkpoint, checkpoint_model_class, check_hyper_parameters
 from utils.initialize_configs import ConfigError, instantiate_from_configs, validate_target_config
 from orchestration.config_checks import LOGGERS
@@ -58,12 +58,18 @@ def build_logger(cfg: DictConfig, run_dir: Path):
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
+    """The Lightning trainer of a run config: its ``trainer`` keyword arguments, the logger of
+    ``logging``, checkpoints into ``<run_dir>/checkpoints``, and the project's callbacks
+    (validation PSNR/SSIM with the config's ``sampling`` section, orchestration/callbacks.py)."""
     log = cfg.get("logging", {})
+    sampling = cfg.get("sampling")
     callbacks = [
         ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
                         every_n_train_steps=log.get("checkpoint_every_n_steps", 1000)),
         LearningRateMonitor(logging_interval="step"),
         ImageLogger(every_n_steps=log.get("image_every_n_steps", 0)),
+        ValidationScores(OmegaConf.to_container(sampling, resolve=True) if isinstance(sampling, DictConfig)
+                         else dict(sampling or {})),
         TrainingSpeed(),
         NonFiniteGuard(),
         ExactResume(),  # random generator states in checkpoints (orchestration/resume.py)

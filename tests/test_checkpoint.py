@@ -74,8 +74,7 @@ def trained_ddpm(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddpm")
     torch.manual_seed(0)
     model = ConditionDDPM(unet_rosinality_config=unet_config(2), image_size=SIZE, timesteps=50,
-                          parameterization="v", min_snr_gamma=5.0, ema_decay=0.9, learning_rate=1e-3,
-                          val_denoise_steps=2)
+                          parameterization="v", min_snr_gamma=5.0, ema_decay=0.9, learning_rate=1e-3)
     datamodule = make_datamodule(root)
     trainer = fit(model, root, datamodule)
     path = root / "ddpm.ckpt"
@@ -127,6 +126,50 @@ def test_checkpoint_file_holds_no_data_object(trained_ddpm):
     # no data paths either (they made the file unloadable with torch.load's weights_only)
     assert "datamodule_hyper_parameters" not in ckpt
     torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def test_checkpoint_of_an_earlier_version_loads_without_its_retired_hyper_parameters(trained_ddpm, tmp_path):
+    """``val_denoise_steps`` is gone from ConditionDDPM (validation scores are a callback now):
+    the model refuses it, yet a checkpoint that saved it loads, by path, from a file object
+    and through orchestration.checkpoints.load_checkpoint, with the same weights; an export
+    drops it."""
+    import io
+
+    from orchestration.checkpoints import export_inference_checkpoint, load_checkpoint
+
+    model, path, _ = trained_ddpm
+    with pytest.raises(TypeError, match="val_denoise_steps"):
+        ConditionDDPM(unet_rosinality_config=unet_config(2), image_size=SIZE, timesteps=50, val_denoise_steps=2)
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["val_denoise_steps"] = 2
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    buffer = io.BytesIO(old.read_bytes())
+    for loaded in (ConditionDDPM.load_from_checkpoint(str(old), map_location="cpu"),
+                   ConditionDDPM.load_from_checkpoint(buffer, map_location="cpu"),
+                   load_checkpoint(ConditionDDPM, old)):
+        assert_same_state(model, loaded)
+        assert dict(loaded.hparams) == dict(model.hparams) and "val_denoise_steps" not in loaded.hparams
+    exported = export_inference_checkpoint(old, tmp_path / "small.ckpt")
+    assert "val_denoise_steps" not in torch.load(str(exported), weights_only=True)["hyper_parameters"]
+    # a checkpoint without retired keys is passed on untouched (the file object rewound)
+    buffer = io.BytesIO(path.read_bytes())
+    assert_same_state(model, ConditionDDPM.load_from_checkpoint(buffer, map_location="cpu"))
+
+
+def test_the_shipped_checkpoint_of_an_earlier_version_loads():
+    """pretrained/cdm4mi_bundled_ct_mr.ckpt was saved with ``val_denoise_steps: 5``."""
+    from orchestration.checkpoints import load_checkpoint
+    from utils.paths import REPO_ROOT
+
+    shipped = REPO_ROOT / "pretrained" / "cdm4mi_bundled_ct_mr.ckpt"
+    assert torch.load(str(shipped), weights_only=True)["hyper_parameters"]["val_denoise_steps"] == 5
+    direct = ConditionDDPM.load_from_checkpoint(str(shipped), map_location="cpu").eval()
+    checked = load_checkpoint(ConditionDDPM, shipped)
+    assert_same_state(direct, checked)
+    noisy = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert torch.equal(direct.denoise(noisy, steps=2, t_start="auto", sigma=0.1),
+                       checked.denoise(noisy, steps=2, t_start="auto", sigma=0.1))
 
 
 def test_checkpoint_saved_from_cuda_loads_on_cpu(tmp_path):

@@ -32,7 +32,7 @@ def tiny_run_cfg(tmp_path: Path, logger: str, **logging) -> dict:
     after steps 2 and 4; no evaluation section."""
     volume = make_volume(tmp_path / "vol_ct.nii.gz", "ct")
     model = tiny_model_cfg()
-    model["params"].update(warmup_steps=1, val_denoise_steps=2)
+    model["params"].update(warmup_steps=1)
     return {
         "seed": 0, "model": model,
         "data": {"target": DATAMODULE, "params": {
@@ -41,6 +41,7 @@ def tiny_run_cfg(tmp_path: Path, logger: str, **logging) -> dict:
         "trainer": {"max_steps": 4, "accelerator": "cpu", "val_check_interval": 2, "limit_val_batches": 1,
                     "log_every_n_steps": 2, "num_sanity_val_steps": 0, "enable_progress_bar": False,
                     "enable_model_summary": False},
+        "sampling": {"steps": 2, "t_start": "auto"},  # val/psnr, val/ssim: 2 DDIM steps from t*
         "logging": {"logger": logger, "save_dir": str(tmp_path / "runs"), "name": "tiny", **logging},
     }
 
@@ -82,7 +83,8 @@ def test_csv_run_logs_images_per_second_and_the_git_commit(tmp_path):
     with open(version / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     columns = set(rows[0])
-    for column in ("train/loss", "lr-AdamW", "val/loss_ema", "val/psnr_ema", "train/images_per_sec"):
+    for column in ("train/loss", "lr-AdamW", "val/loss_ema", "val/psnr", "val/ssim",
+                   "train/images_per_sec"):
         assert column in columns, (column, sorted(columns))
     assert "train/gpu_mem_peak_gib" not in columns  # CUDA only
     speeds = [float(r["train/images_per_sec"]) for r in rows if r["train/images_per_sec"]]
@@ -160,7 +162,7 @@ def test_tensorboard_run_writes_scalars_images_and_hparams(tmp_path):
     acc = EventAccumulator(str(events[0]), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
-    assert {"train/loss", "train/images_per_sec", "val/loss_ema", "val/psnr_ema"} <= scalars, scalars
+    assert {"train/loss", "train/images_per_sec", "val/loss_ema", "val/psnr", "val/ssim"} <= scalars, scalars
     assert all(e.value > 0 for e in acc.Scalars("train/images_per_sec"))
     assert {"images/inputs", "images/conditioning", "images/denoised_matched_start", "images/samples"} <= images, images
     hparams = yaml.safe_load((run_dir / "tensorboard" / "hparams.yaml").read_text())

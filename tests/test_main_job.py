@@ -81,7 +81,7 @@ def main_job(tmp_path_factory):
 
     overrides = [
         "model.params.image_size=16", "model.params.timesteps=50", "model.params.max_train_timestep=null",
-        "model.params.warmup_steps=1", "model.params.val_denoise_steps=2",
+        "model.params.warmup_steps=1",
         "model.params.unet_rosinality_config.params.channel=8",
         "model.params.unet_rosinality_config.params.channel_multiplier=[1,2]",
         "data.params.image_size=16", "data.params.stride=16", "data.params.batch_size=4",

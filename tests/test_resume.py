@@ -28,7 +28,7 @@ MAX_STEPS = 12
 # 12 steps cross an epoch boundary; checkpoints at steps 4 (mid-epoch), 8 (end of epoch 0), 12
 OVERRIDES = [
     "model.params.image_size=16", "model.params.timesteps=50", "model.params.max_train_timestep=null",
-    "model.params.warmup_steps=2", "model.params.val_denoise_steps=2",
+    "model.params.warmup_steps=2", "sampling.steps=2",
     "model.params.unet_rosinality_config.params.channel=8",
     "model.params.unet_rosinality_config.params.channel_multiplier=[1,2]",
     "data.params.image_size=16", "data.params.stride=24", "data.params.batch_size=4", "data.params.split.gap=2",
