@@ -12,7 +12,9 @@ A study config (run_scripts/configs/study/*.yaml) has these keys:
 - ``models``: key -> ``{config: run config, overrides: [...]}`` to train here, or
   ``{ckpt: path}`` to load (class from the checkpoint).
 - ``strategies``: list of ``{name, type: ddpm|unet|nlm|bm3d|noisy, model, params, nfe,
-  k, guidance, extra_nfe}``; a ddpm strategy expands into one method per (NFE, K,
+  k, guidance, extra_nfe}``; ``params`` are the only ``denoise()`` arguments (the run
+  config's ``sampling`` defaults are not used, so no ``t_start`` means the pure-noise
+  start); a ddpm strategy expands into one method per (NFE, K,
   guidance scale). ``nfe`` are network evaluations per sample: DDIM ``steps = nfe -
   extra_nfe`` (``extra_nfe: 1`` for the first estimate of ``start_noise: independent``).
   K > 1 averages K samples drawn with ``k_params`` (default eta 1).
@@ -171,7 +173,7 @@ def run_study(study: dict, out_dir: Path, device: str | None = None) -> dict:
     cache, rows, noise_types = {}, [], []
     for noise in study["noise"]:
         models = build_models(study, run_cfg, out_dir, noise, cache)
-        cfg = OmegaConf.merge(run_cfg, {"evaluation": {
+        cfg = OmegaConf.merge(run_cfg, {"sampling": None}, {"evaluation": {
             "levels": list(noise["levels"]), "noise_type": noise["type"], "methods": methods,
             "noise_params": noise.get("noise_params"), "save_predictions": False, "n_examples": 0,
             "enabled": True}})

@@ -80,6 +80,10 @@ def test_methods_expand_with_nfe_k_and_guidance(study):
     rows = read_scores(study["out"] / "gaussian" / "scores.csv")
     assert {r["method"] for r in rows} == EXPECTED_METHODS
     assert {r["set"] for r in rows} == {"same-subject", "unseen"}
+    # no run-config sampling default leaks in: without t_start the chain starts from pure noise
+    pure = [r["psnr"] for r in rows if r["method"] == "1 pure noise | NFE 2"]
+    matched = [r["psnr"] for r in rows if r["method"] == "2 matched | NFE 2"]
+    assert len(pure) == len(matched) > 0 and pure != matched
     lowdose = read_scores(study["out"] / "lowdose_ct" / "scores.csv")
     assert {r["modality"] for r in lowdose} == {"ct"}
     assert all(np.isfinite(r["psnr_ct_window"]) for r in lowdose)
