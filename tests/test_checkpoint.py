@@ -157,13 +157,15 @@ def test_checkpoint_of_an_earlier_version_loads_without_its_retired_hyper_parame
     assert_same_state(model, ConditionDDPM.load_from_checkpoint(buffer, map_location="cpu"))
 
 
-def test_the_shipped_checkpoint_of_an_earlier_version_loads():
-    """pretrained/cdm4mi_bundled_ct_mr.ckpt was saved with ``val_denoise_steps: 5``."""
+def test_the_shipped_checkpoint_of_an_earlier_version_loads(tmp_path):
+    """The shipped checkpoint with the retired ``val_denoise_steps: 5`` of earlier versions added back."""
     from orchestration.checkpoints import load_checkpoint
     from utils.paths import REPO_ROOT
 
-    shipped = REPO_ROOT / "pretrained" / "cdm4mi_bundled_ct_mr.ckpt"
-    assert torch.load(str(shipped), weights_only=True)["hyper_parameters"]["val_denoise_steps"] == 5
+    ckpt = torch.load(str(REPO_ROOT / "pretrained" / "cdm4mi_bundled_ct_mr.ckpt"), weights_only=True)
+    ckpt["hyper_parameters"]["val_denoise_steps"] = 5
+    shipped = tmp_path / "earlier.ckpt"
+    torch.save(ckpt, shipped)
     direct = ConditionDDPM.load_from_checkpoint(str(shipped), map_location="cpu").eval()
     checked = load_checkpoint(ConditionDDPM, shipped)
     assert_same_state(direct, checked)
