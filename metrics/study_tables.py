@@ -92,6 +92,11 @@ def _groups(rows, noise_type):
     return [g for g in SETS if g in found]
 
 
+def _cell(text) -> str:
+    """A Markdown table cell: method names such as "2 matched | NFE 5" keep their bars."""
+    return str(text).replace("|", "\\|")
+
+
 def _fmt_level(level, noise_type) -> str:
     return f"i0 {level:.0e}" if level_name(noise_type) == "i0" else f"sigma {level:g}"
 
@@ -110,7 +115,7 @@ def score_table(rows, methods: dict, noise_type: str) -> str:
                 b, _ = _mean(rows, noise_type, g, lv, method, second)
                 cells.append("-" if n == 0 else f"{a:.2f} / {b:.3f}")
         if any(c != "-" for c in cells):
-            lines.append("| " + " | ".join([method] + cells) + " |")
+            lines.append("| " + " | ".join([_cell(method)] + cells) + " |")
     return "\n".join(lines)
 
 
@@ -146,7 +151,7 @@ def recommendation_table(rows, methods: dict, comps, noise_type: str, diffusion:
             method, mean = max(best.values(), key=lambda mb: mb[1])
             refs = [index.get((g, lv, method, r)) for r in references]
             verdicts = [f"{c['verdict']} than {r}" for c, r in zip(refs, references) if c is not None]
-            lines.append("| " + " | ".join([g, _fmt_level(lv, noise_type), method, f"{mean:.2f}"]
+            lines.append("| " + " | ".join([g, _fmt_level(lv, noise_type), _cell(method), f"{mean:.2f}"]
                                            + [_ci(c) for c in refs] + ["; ".join(verdicts) or "-"]) + " |")
     return "\n".join(lines)
 

@@ -72,6 +72,11 @@ def test_every_table_and_figure_is_written(study):
     text = (out / "study.md").read_text()
     assert "## gaussian" in text and "## lowdose_ct" in text
     assert "brain-window PSNR" in text  # low-dose CT ranked in the brain window
+    for line in text.splitlines():  # every table row has as many cells as its header
+        if line.startswith("| set |"):
+            width = line.replace("\\|", "").count("|")
+        elif line.startswith("| same-subject") or line.startswith("| unseen"):
+            assert line.replace("\\|", "").count("|") == width, line
     for model in ("concat", "pairs", "guided", "uncond", "unet"):
         assert (out / "models" / model / "config.yaml").is_file(), model
 
