@@ -107,17 +107,33 @@ def test_tiles_blend_to_the_one_pass_result():
     np.testing.assert_allclose(one, np.clip(slices / 2 + 0.3, 0, 1), atol=1e-6)  # model units: 0.5 (2x - 1) + 0.1
 
 
+def edge_jump(out: np.ndarray, clean: np.ndarray, between: list[int]) -> float:
+    """Largest mean |error step| between rows, or columns, c-1 and c for c in ``between``,
+    over the median step of that axis."""
+    jumps = []
+    for axis in (0, 1):
+        step = np.abs(np.diff(out[0] - clean[0], axis=axis)).mean(1 - axis)
+        jumps.append(step[[c - 1 for c in between]].max() / np.median(step))
+    return float(max(jumps))
+
+
 def test_tiled_real_model_has_no_seams(model):
     rng = np.random.default_rng(0)
     clean = np.clip(np.add.outer(np.linspace(0.2, 0.8, 96), np.zeros(96)), 0, 1)[None].astype(np.float32)
     noisy = (clean + rng.normal(0, 0.05, clean.shape)).astype(np.float32)
     one, _ = denoise_slices(model, noisy, 0.05, steps=3, tile=256, progress=False)
     tiled, _ = denoise_slices(model, noisy, 0.05, steps=3, tile=48, overlap=16, progress=False)
-    # every output pixel sees less context in a tile, so the two differ a little, but the
-    # tiled result is as close to the clean image as the one-pass result
+    hard, _ = denoise_slices(model, noisy, 0.05, steps=3, tile=48, overlap=0, progress=False)
+    # every output pixel sees less context in a 48-pixel tile, so the tiled result is a
+    # little further from the clean image (shipped model: 6 % in RMSE), far below the noise
     rmse = lambda a: float(np.sqrt(np.mean((a - clean) ** 2)))
-    assert rmse(tiled) < 1.05 * rmse(one) < 0.5 * rmse(noisy)
+    assert rmse(tiled) < 1.10 * rmse(one) < 0.5 * rmse(noisy)
     assert np.abs(tiled - one).mean() < 0.3 * np.abs(noisy - clean).mean()
+    # tiles start at rows and columns 0, 32, 48 and end at 48, 80, 96: the blended error
+    # steps no more there than elsewhere (shipped model: at most 1.2 x the median step);
+    # tiles cut edge to edge (overlap 0) leave a seam at 48 (about 3 x)
+    assert edge_jump(tiled, clean, [32, 48, 80]) < 1.5
+    assert edge_jump(hard, clean, [48]) > 2.0
 
 
 def test_the_volume_path_matches_the_evaluation_for_the_same_noisy_slice(model):

@@ -38,6 +38,16 @@ OVERRIDES = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Every run on one thread, as the killed subprocess (OMP_NUM_THREADS=1): the number of
+    threads changes the order of float sums, and so the weights in their last bits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
