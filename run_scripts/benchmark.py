@@ -94,7 +94,7 @@ def compare_with_peer(cfg, device: torch.device, sizes, dtypes, batch: int, step
             peer_ips, _ = time_training(peer, lambda n, x, t: n(x, t).sample, size, batch, steps, dtype, device)
             tflops = flops / batch * ours_ips / 1e12
             mfu = f"{100 * tflops / peak_tflops:.1f} %" if peak_tflops else "n/a"
-            print(f"| {size} x {size}, {dtype} | {ours_ips:.1f} | {peer_ips:.1f} | {ours_ips / peer_ips:.2f} | "
+            print(f"| {size} x {size}, {dtype} | {ours_ips:.3g} | {peer_ips:.3g} | {ours_ips / peer_ips:.2f} | "
                   f"{tflops:.3f} | {mfu} |")
 
 

@@ -2,13 +2,16 @@ r"""Evaluate denoisers on the held-out test slices of a run config.
 
     python run_scripts/evaluate.py --config run_scripts/configs/ddpm-cond/CFG.yaml \
         --ckpt path/to/ddpm.ckpt [--unet-ckpt path/to/unet.ckpt] [--out DIR] \
+        [--model KEY=path/to/other_ddpm.ckpt ...] \
         [evaluation.sigmas=[0.05,0.1,0.2] evaluation.max_slices_per_source=4 ...]
 
 Builds the data module from the config's ``data`` section, loads the checkpoints (on
 CPU, then moved to --device), builds the methods of ``evaluation.methods`` and writes
 scores.csv, results.md, psnr_ssim_vs_sigma.png, examples.png and predictions/ into --out.
 The shipped models named by evaluation.pretrained_ddpm and evaluation.unet_ckpt are
-loaded too (the flags replace them). Methods whose model is missing are skipped.
+loaded too (the flags replace them). ``--model KEY=PATH`` loads more ConditionDDPMs for
+methods with ``model: KEY``, so several checkpoints are scored on the same noise in one
+table. Methods whose model is missing are skipped.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pretrained-ckpt",
                         help="second ConditionDDPM for methods with model: ddpm_pretrained "
                              "(default: evaluation.pretrained_ddpm of the config)")
+    parser.add_argument("--model", action="append", default=[], metavar="KEY=PATH",
+                        help="another ConditionDDPM for methods with model: KEY (repeatable)")
     parser.add_argument("--out", help="output folder (default outputs/evaluation/<config name>)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cuda if available)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (OmegaConf dotlist)")
@@ -50,8 +55,16 @@ def main(argv=None) -> dict:
         check_run_config(cfg)
         allow = cfg.get("allow_targets")
         models = pretrained_models(cfg.get("evaluation", {}), allow_targets=allow)
-        for key, cls, path in (("ddpm", ConditionDDPM, args.ckpt), ("unet", SupervisedUNet, args.unet_ckpt),
-                               ("ddpm_pretrained", ConditionDDPM, args.pretrained_ckpt)):
+        named = [("ddpm", ConditionDDPM, args.ckpt), ("unet", SupervisedUNet, args.unet_ckpt),
+                 ("ddpm_pretrained", ConditionDDPM, args.pretrained_ckpt)]
+        for spec in args.model:
+            key, sep, path = spec.partition("=")
+            if not (sep and key and path):
+                raise ValueError(f"--model {spec!r}: expected KEY=PATH")
+            if key in {k for k, _, p in named if p}:
+                raise ValueError(f"--model {spec!r}: the model key {key!r} is already given")
+            named.append((key, ConditionDDPM, path))
+        for key, cls, path in named:
             if path:
                 models[key] = load_checkpoint(cls, path, allow_targets=allow)
     except (FileNotFoundError, ValueError) as err:  # ConfigError and CheckpointError are ValueErrors

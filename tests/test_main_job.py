@@ -180,6 +180,26 @@ def test_evaluate_script_rescores_the_checkpoint(main_job, tmp_path):
         assert float(r["ssim"]) == pytest.approx(float(ref["ssim"]), abs=1e-5), r
 
 
+def test_evaluate_script_scores_more_checkpoints_by_key(main_job, tmp_path):
+    """--model KEY=PATH: a method with model KEY is scored on the same noise as --ckpt's."""
+    script = load_script("evaluate_script", "evaluate.py")
+    ckpt = main_job["run"] / "checkpoints" / "last.ckpt"
+    methods = ("evaluation.methods=[{name: a, type: ddpm, params: {steps: 2, t_start: auto}},"
+               "{name: b, type: ddpm, model: again, params: {steps: 2, t_start: auto}}]")
+    result = script.main(["--config", str(main_job["config"]), "--ckpt", str(ckpt), "--model", f"again={ckpt}",
+                          "--out", str(tmp_path / "eval"), "--device", "cpu", *main_job["overrides"], methods])
+    rows = read_scores(Path(result["scores_csv"]))
+    a = {r["source"]: float(r["psnr"]) for r in rows if r["method"] == "a"}
+    b = {r["source"]: float(r["psnr"]) for r in rows if r["method"] == "b"}
+    assert a and a == pytest.approx(b, abs=1e-4)
+    for bad, message in ((["--model", "again"], "expected KEY=PATH"),
+                         (["--model", f"ddpm={ckpt}"], "model key 'ddpm' is already given"),
+                         (["--model", f"x={tmp_path / 'none.ckpt'}"], "checkpoint not found")):
+        with pytest.raises(SystemExit, match=message):
+            script.main(["--config", str(main_job["config"]), "--ckpt", str(ckpt), *bad,
+                         "--out", str(tmp_path / "bad"), "--device", "cpu", *main_job["overrides"]])
+
+
 def test_evaluate_script_missing_checkpoint(main_job, tmp_path):
     script = load_script("evaluate_script", "evaluate.py")
     with pytest.raises(SystemExit, match="checkpoint not found"):
