@@ -4,8 +4,8 @@ r"""Paired comparison of methods in one or more evaluation scores.csv files.
         --scores seed0=outputs/ablation_seed0/scores.csv seed1=outputs/ablation_seed1/scores.csv \
         [--methods "DDPM all" ...] [--score psnr_masked] [--out table.md]
 
-A method's scores in the files given with tags (training seeds, say) are renamed to the
-same method, so each file must score the same slices with the same noise. The unit of
+The files (one per training seed, say; TAG names each) must score the same slices with
+the same noise: a method's score on a slice is averaged over them. The unit of
 the comparison is the slice, (source, slice_index) of one set: a method's score is
 averaged over the tags, and, in the "all levels" rows, over the noise levels too, before
 it is paired with the reference's on the same slice. The interval is a 95 % percentile
@@ -16,6 +16,7 @@ average it out. One Markdown table per set (same-subject, unseen) is printed.
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -30,6 +31,8 @@ from metrics.reporting import SETS, atomic_text  # noqa: E402
 from metrics.statistics import paired_comparison  # noqa: E402
 from metrics.study_tables import NUMERIC, read_scores  # noqa: E402
 
+REQUIRED = {"set", "method", "source", "slice_index", "sigma"}
+
 
 def tagged_rows(specs: list[str]) -> list[dict]:
     """The rows of each ``[TAG=]CSV``, with ``tag`` set (the file's index without a TAG)."""
@@ -40,8 +43,11 @@ def tagged_rows(specs: list[str]) -> list[dict]:
             tag, path = str(i), spec
         if not Path(path).is_file():
             raise FileNotFoundError(f"scores file not found: {path}")
-        for r in read_scores(Path(path)):
-            rows.append({**r, "tag": tag})
+        with open(path, newline="", encoding="utf-8") as f:
+            missing = REQUIRED - set(next(csv.reader(f), []))
+        if missing:
+            raise ValueError(f"{path} lacks the column(s) {sorted(missing)} of an evaluation scores.csv")
+        rows += [{**r, "tag": tag} for r in read_scores(Path(path))]
     return rows
 
 
@@ -90,7 +96,7 @@ def main(argv=None) -> str:
         raise SystemExit(f"compare_scores.py: unknown score {args.score!r}; choose from {', '.join(NUMERIC)}")
     try:
         rows = tagged_rows(args.scores)
-    except (FileNotFoundError, KeyError, ValueError) as err:
+    except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"compare_scores.py: {err}") from err
     names = sorted({r["method"] for r in rows})
     for method in [args.reference, *(args.methods or [])]:

@@ -59,5 +59,8 @@ def test_refusals(tmp_path):
         script.main(["--scores", str(a), "--reference", "nope"])
     with pytest.raises(SystemExit, match="scores file not found"):
         script.main(["--scores", str(tmp_path / "missing.csv"), "--reference", "ref"])
+    (tmp_path / "bad.csv").write_text("method,psnr_masked\nref,30\n")
+    with pytest.raises(SystemExit, match=r"bad.csv lacks the column\(s\) \['set', 'sigma', 'slice_index', 'source'\]"):
+        script.main(["--scores", str(tmp_path / "bad.csv"), "--reference", "ref"])
     with pytest.raises(SystemExit, match="unknown score 'psnrr'"):
         script.main(["--scores", str(a), "--reference", "ref", "--score", "psnrr"])
