@@ -38,7 +38,7 @@ from orchestration.checkpoints import checkpoint_model_class, load_checkpoint, r
 from orchestration.config_checks import check_run_config
 from orchestration.evaluation_job import run_evaluation
 from orchestration.training import save_config, train
-from utils.initialize_configs import ConfigError, load_config
+from utils.initialize_configs import ConfigError, apply_overrides, load_config
 from utils.paths import resolve_path
 
 STUDY_KEYS = ("run", "evaluation", "train_overrides", "models", "strategies", "noise", "references", "k_params", "seed")
@@ -142,8 +142,7 @@ def load_study_config(path, overrides=()) -> dict:
     if not path.is_file():
         raise ConfigError(f"study config not found: {path}")
     cfg = OmegaConf.load(path)
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    cfg = apply_overrides(cfg, overrides)
     study = _check_keys(cfg, STUDY_KEYS, str(path))
     for key in ("run", "strategies", "noise"):
         if not study.get(key):

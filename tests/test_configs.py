@@ -65,6 +65,27 @@ def test_overrides_apply_to_any_section():
     assert cfg.model.params.timesteps == OmegaConf.load(BUNDLED).model.params.timesteps
 
 
+def test_override_indexes_into_a_list_and_merges_dicts():
+    file_cfg = OmegaConf.load(BUNDLED)
+    cfg = load_config(BUNDLED, ["evaluation.test_volumes.2.max_slices=4", "data.params.augment={rescale: [0.5, 2.0]}",
+                                "evaluation.methods=[{name: noisy input, type: noisy}]"])
+    volume = cfg.evaluation.test_volumes[2]
+    assert volume.max_slices == 4 and volume.path == file_cfg.evaluation.test_volumes[2].path
+    assert len(cfg.evaluation.test_volumes) == len(file_cfg.evaluation.test_volumes)
+    assert list(cfg.data.params.augment.rescale) == [0.5, 2.0]  # was `augment: true`: replaced by the dict
+    assert [m.name for m in cfg.evaluation.methods] == ["noisy input"]  # a list value replaces the list
+
+
+@pytest.mark.parametrize("override, message", [
+    ("evaluation.test_volumes.9.max_slices=4", "test_volumes.9.max_slices=4'.*out of range"),
+    ("=3", "not of the form key=value"),
+    ("trainer.max_steps", "not of the form key=value"),
+])
+def test_bad_override_is_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(BUNDLED, [override])
+
+
 def test_misspelt_unet_parameter_names_its_full_path():
     cfg = tiny_model_cfg()
     cfg["params"]["unet_rosinality_config"]["params"]["chanel"] = cfg["params"]["unet_rosinality_config"][

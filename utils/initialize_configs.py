@@ -306,6 +306,22 @@ def _load_with_base(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(_load_with_base(path.parent / base, seen + (path,)), cfg)
 
 
+def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
+    """Apply ``key=value`` overrides in order; a value is parsed as YAML, a dict value
+    is merged into the node, and an integer path part indexes a list
+    (``evaluation.test_volumes.2.max_slices=4``)."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        try:
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+            OmegaConf.update(cfg, key.strip(), value, merge=True)
+        except Exception as err:  # omegaconf's errors name the node but not the override
+            raise ConfigError(f"override '{item}': {str(err).splitlines()[0]}") from err
+    return cfg
+
+
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
     """Load a run config and apply ``key=value`` dotlist overrides.
 
@@ -313,13 +329,7 @@ def load_config(path: str | Path, overrides: Iterable[str] = ()) -> DictConfig:
     is merged on top of it. Unknown top-level sections are rejected so that a misspelt
     override such as ``trainr.max_steps=5`` fails instead of being silently ignored.
     """
-    cfg = _load_with_base(Path(path))
-    overrides = list(overrides)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
-    if overrides:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    cfg = apply_overrides(_load_with_base(Path(path)), overrides)
     unknown = set(cfg) - set(RUN_SECTIONS)
     if unknown:
         raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}; expected some of {list(RUN_SECTIONS)}")
