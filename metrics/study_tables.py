@@ -150,7 +150,8 @@ def recommendation_table(rows, methods: dict, comps, noise_type: str, diffusion:
                 continue
             method, mean = max(best.values(), key=lambda mb: mb[1])
             refs = [index.get((g, lv, method, r)) for r in references]
-            verdicts = [f"{c['verdict']} than {r}" for c, r in zip(refs, references) if c is not None]
+            verdicts = [f"{c['verdict']} {'from' if c['verdict'] == 'no clear difference' else 'than'} {r}"
+                        for c, r in zip(refs, references) if c is not None]
             lines.append("| " + " | ".join([g, _fmt_level(lv, noise_type), _cell(method), f"{mean:.2f}"]
                                            + [_ci(c) for c in refs] + ["; ".join(verdicts) or "-"]) + " |")
     return "\n".join(lines)
