@@ -136,6 +136,11 @@ def _ci(comp) -> str:
             f"p={comp['p_wilcoxon']:.2g}, n={comp['n']}")
 
 
+def verdict_phrase(verdict: str, reference: str) -> str:
+    """'better than BM3D', 'worse than BM3D', 'no clear difference from BM3D'."""
+    return f"{verdict} {'from' if verdict == 'no clear difference' else 'than'} {reference}"
+
+
 def recommendation_table(rows, methods: dict, comps, noise_type: str, diffusion: set, references) -> str:
     """Per (set, level): the best diffusion configuration by mean primary score, and its
     paired difference (95 % bootstrap interval, Wilcoxon p) to each reference."""
@@ -150,8 +155,7 @@ def recommendation_table(rows, methods: dict, comps, noise_type: str, diffusion:
                 continue
             method, mean = max(best.values(), key=lambda mb: mb[1])
             refs = [index.get((g, lv, method, r)) for r in references]
-            verdicts = [f"{c['verdict']} {'from' if c['verdict'] == 'no clear difference' else 'than'} {r}"
-                        for c, r in zip(refs, references) if c is not None]
+            verdicts = [verdict_phrase(c["verdict"], r) for c, r in zip(refs, references) if c is not None]
             lines.append("| " + " | ".join([g, _fmt_level(lv, noise_type), _cell(method), f"{mean:.2f}"]
                                            + [_ci(c) for c in refs] + ["; ".join(verdicts) or "-"]) + " |")
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from metrics.statistics import paired_comparison
-from metrics.study_tables import read_scores
+from metrics.study_tables import read_scores, verdict_phrase
 from orchestration.study import expand_strategies, load_study_config
 from synthetic import load_script
 from test_main_job import BUNDLED, write_volumes
@@ -149,3 +149,9 @@ def test_study_keys_are_documented_in_usage_md():
     section = section[:section.index("\n### ", 5)]
     missing = [k for k in STUDY_KEYS + STRATEGY_KEYS + NOISE_KEYS if f"`{k}`" not in section]
     assert missing == []
+
+
+def test_verdict_phrase_reads_as_english():
+    assert verdict_phrase("better", "BM3D") == "better than BM3D"
+    assert verdict_phrase("worse", "7 U-Net") == "worse than 7 U-Net"
+    assert verdict_phrase("no clear difference", "BM3D") == "no clear difference from BM3D"
