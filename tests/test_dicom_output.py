@@ -203,3 +203,16 @@ def test_cli_writes_the_series_and_says_where(tmp_path, capsys):
                             "--output-dicom", str(tmp_path / "den"), "--sigma", "0"])
     assert f"DICOM series: {tmp_path / 'den'}" in capsys.readouterr().out
     assert len(list(info["output_dicom"].iterdir())) == 4
+
+
+@pytest.mark.parametrize("bad", ["im0.dcm", "im1.dcm", "im3.dcm"], ids=["first", "middle", "last"])
+def test_a_slice_without_pixels_is_refused_before_any_output(model, tmp_path, bad):
+    """Before: a pixel-less first or last slice vanished from both outputs (3 of 4 slices in
+    the NIfTI and the DICOM series), a middle one was called uneven spacing."""
+    src = write_series(tmp_path / "series")
+    ds = pydicom.dcmread(str(src / bad))
+    del ds.PixelData
+    ds.save_as(str(src / bad), enforce_file_format=True)
+    with pytest.raises(ValueError, match=rf"{bad.replace('.', '[.]')}: DICOM image without pixel data"):
+        denoise_volume(model, src, tmp_path / "den.nii.gz", output_dicom=tmp_path / "den", sigma=0.0, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["series"]  # neither the NIfTI nor the series

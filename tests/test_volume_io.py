@@ -68,6 +68,74 @@ def test_non_dicom_files_are_skipped_with_a_warning(tmp_path):
     assert volume.shape[2] == 3
 
 
+def strip_pixels(path, how="no PixelData"):
+    """Rewrite a slice without its pixels: no PixelData element, an empty one, or the file
+    meta header alone (preamble, 'DICM', group 0002, no data set)."""
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    ds = pydicom.dcmread(str(path))
+    if how == "no PixelData":
+        del ds.PixelData
+    elif how == "empty PixelData":
+        ds.PixelData = b""
+    else:
+        meta, ds = ds.file_meta, Dataset()
+        ds.file_meta = meta
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+@pytest.mark.parametrize("how", ["no PixelData", "empty PixelData", "file meta header only"])
+@pytest.mark.parametrize("bad", [0, 2, 3], ids=["first", "middle", "last"])
+def test_a_slice_without_pixels_is_refused_by_name(tmp_path, bad, how):
+    """Before: a pixel-less first or last slice was dropped silently (3 of 4 slices loaded),
+    a middle one was reported as uneven spacing between its neighbours."""
+    folder = series(tmp_path / "s", [0, 2, 4, 6])
+    strip_pixels(folder / f"im{bad:02d}.dcm", how)
+    with pytest.raises(ValueError, match=rf"im{bad:02d}\.dcm: (DICOM image without pixel data|unreadable DICOM slice)"):
+        load_volume(folder)
+
+
+def test_a_dicom_file_that_is_not_an_image_is_skipped_but_named(tmp_path):
+    """A DICOMDIR and a structured report of another series have no pixels and are no slice:
+    skipped with a warning naming them; the series loads whole."""
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    folder = series(tmp_path / "s", [0, 2, 4])
+    for name, sop_class in (("DICOMDIR", "1.2.840.10008.1.3.10"), ("report.dcm", "1.2.840.10008.5.1.4.1.1.88.33")):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        if name == "report.dcm":
+            ds.SOPClassUID, ds.SeriesInstanceUID, ds.Modality = sop_class, generate_uid(), "SR"
+        ds.save_as(str(folder / name), enforce_file_format=True)
+    assert pydicom.dcmread(str(folder / "DICOMDIR")).file_meta.MediaStorageSOPClassUID == "1.2.840.10008.1.3.10"
+    with pytest.warns(UserWarning, match=r"skipped 2 DICOM file\(s\) that are not images: DICOMDIR, report\.dcm"):
+        volume, _, _ = load_volume(folder)
+    assert volume.shape[2] == 3
+
+
+def test_a_pixel_less_file_of_the_series_is_refused_even_without_image_tags(tmp_path):
+    """A file of the series' SeriesInstanceUID with an unknown SOP class and no image tags
+    still counts as a slice of the series."""
+    import pydicom
+
+    folder = series(tmp_path / "s", [0, 2, 4], uid="1.2.3.4.5")
+    ds = pydicom.dcmread(str(folder / "im01.dcm"))
+    for key in ("PixelData", "Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+                "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "SamplesPerPixel",
+                "PhotometricInterpretation"):
+        delattr(ds, key)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.3.999"
+    ds.save_as(str(folder / "im01.dcm"), enforce_file_format=True)
+    with pytest.raises(ValueError, match=r"im01\.dcm: DICOM image without pixel data"):
+        load_volume(folder)
+
+
 BUNDLED_CT = Path(__file__).resolve().parents[1] / "run_scripts" / "data" / "ct_cranium.nii.gz"
 
 

@@ -48,18 +48,44 @@ def _is_dicom_file(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
+#: attributes of the DICOM image pixel and image plane modules: a file with one is an image
+IMAGE_ATTRIBUTES = ("Rows", "Columns", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
+                    "BitsAllocated", "SamplesPerPixel", "PhotometricInterpretation")
+PIXEL_KEYS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def is_image_without_pixels(ds, series_uids: set[str]) -> bool:
+    """Whether a DICOM dataset that has no pixel data is an image (a slice that must not be
+    left out): its SOP class is an image storage class or unknown, it has an image attribute
+    (IMAGE_ATTRIBUTES) or it belongs to one of ``series_uids`` (the image slices' series).
+    False only for files that are clearly not images: a DICOMDIR, or a document (structured
+    report, presentation state...) of another series without image attributes."""
+    from pydicom.uid import UID
+
+    meta = getattr(ds, "file_meta", None)
+    uid = ds.get("SOPClassUID") or (meta.get("MediaStorageSOPClassUID") if meta is not None else None)
+    name = UID(str(uid)).name if uid else ""
+    if "DirectoryRecordSequence" in ds or name == "Media Storage Directory Storage":  # a DICOMDIR
+        return False
+    if not uid or "Image Storage" in name or any(key in ds for key in IMAGE_ATTRIBUTES):
+        return True
+    return str(ds.get("SeriesInstanceUID", "")) in series_uids
+
+
 def read_dicom_slices(folder: Path) -> list:
     """The image datasets of a DICOM series folder, each with its pixels decoded.
 
-    Files without a DICOM preamble (notes, DICOMDIR-less exports) are skipped with a
-    warning; a DICOM file that cannot be read or decoded (corrupt header, truncated pixel
-    data) is an error naming it, never skipped silently.
+    Files without a DICOM preamble (notes, DICOMDIR-less exports) and DICOM files that are
+    clearly not images (a DICOMDIR, a report of another series: ``is_image_without_pixels``)
+    are skipped with a warning naming them; a DICOM file that cannot be read or decoded
+    (corrupt header, truncated pixel data) and an image file without pixel data (header
+    only) are errors naming the file, never skipped: a slice is never lost silently.
     """
     import warnings
 
     import pydicom
 
-    slices, skipped = [], []
+    slices, skipped, no_pixels = [], [], []
     for file in sorted(p for p in folder.rglob("*") if p.is_file()):
         try:
             is_dicom = _is_dicom_file(file)
@@ -72,17 +98,24 @@ def read_dicom_slices(folder: Path) -> list:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 ds = pydicom.dcmread(str(file))
-            if "PixelData" in ds:
+            has_pixels = any(key in ds for key in PIXEL_KEYS)
+            if has_pixels:
                 ds.decoded = ds.pixel_array.astype(np.float32)
             elif caught:  # pydicom read past a corrupt header leniently and lost the pixels
                 raise ValueError(str(caught[0].message))
         except Exception as err:  # corrupt header, truncated or undecodable pixel data
             raise ValueError(f"{file}: unreadable DICOM slice ({type(err).__name__}: {err})") from err
-        if "PixelData" in ds:
-            slices.append(ds)
-    if skipped:
-        warnings.warn(f"{folder}: skipped {len(skipped)} non-DICOM file(s): {', '.join(skipped[:5])}"
-                      + (" ..." if len(skipped) > 5 else ""))
+        (slices if has_pixels else no_pixels).append(ds)
+    series = {str(ds.get("SeriesInstanceUID", "")) for ds in slices}
+    for ds in no_pixels:
+        if is_image_without_pixels(ds, series):
+            raise ValueError(f"{ds.filename}: DICOM image without pixel data (header only): a slice of the "
+                             f"series cannot be left out; restore its pixels or remove the file from {folder}")
+    not_images = [Path(ds.filename).name for ds in no_pixels]
+    for names, what in ((skipped, "non-DICOM file(s)"), (not_images, "DICOM file(s) that are not images")):
+        if names:
+            warnings.warn(f"{folder}: skipped {len(names)} {what}: {', '.join(names[:5])}"
+                          + (" ..." if len(names) > 5 else ""))
     if not slices:
         raise ValueError(f"{folder} contains no DICOM image")
     return slices
