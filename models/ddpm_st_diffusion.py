@@ -2,7 +2,7 @@
 
 The diffusion math (schedule, forward process, parameterizations, posterior) lives in
 ``diffusion_modules.diffusion_utils.gaussian_diffusion.GaussianDiffusion`` (``self.diffusion``);
-the DDIM sampler in ``models.ddim``. Images are in model units [-1, 1]. Timesteps are
+the sampler (timesteps, steps, matched start) in ``diffusion_utils.sampling``. Images are in model units [-1, 1]. Timesteps are
 integers 0..T-1, where t=0 is the least noisy step.
 """
 from __future__ import annotations
@@ -18,12 +18,10 @@ import torch
 from diffusion_modules.diffusion_utils.beta_schedule import make_beta_schedule
 from diffusion_modules.diffusion_utils.gaussian_diffusion import GaussianDiffusion
 from diffusion_modules.diffusion_utils.losses import LOSSES, per_example_loss
-from models.ddim import DDIMSampler
+from diffusion_modules.diffusion_utils.sampling import check_sampler, run_chain
 from models.matched_start import MatchedStart
 from utils.initialize_configs import instantiate_from_configs
 from utils.optim import adamw_warmup_cosine
-
-SAMPLERS = ("ddpm", "ddim")
 
 
 def unet_in_channels(unet: torch.nn.Module) -> int | None:
@@ -137,28 +135,10 @@ class DDPM(MatchedStart, pl.LightningModule):
         out = self.model_output(x_t, t, cond, guidance_scale)
         return self.diffusion.predict_start(x_t, t, out, self.clip_denoised if clip is None else clip)
 
-    # ------------------------------------------------------------------ ancestral sampling
-    @torch.no_grad()
-    def p_sample(self, x_t, t: int, cond=None, guidance_scale: float = 1.0, clip: bool | None = None,
-                 generator: torch.Generator | None = None):
-        """One ancestral step x_t -> x_{t-1}; returns (x_prev, x0_pred)."""
-        tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
-        x0, _ = self.predict_start(x_t, tt, cond, guidance_scale, clip)
-        mean, _, log_var = self.diffusion.q_posterior(x0, x_t, tt)
-        if t == 0:
-            return mean, x0
-        noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-        return mean + (0.5 * log_var).exp() * noise, x0
-
-    @torch.no_grad()
-    def p_sample_loop(self, x_T: torch.Tensor, cond=None, t_start: int | None = None, guidance_scale: float = 1.0,
-                      clip: bool | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Full ancestral sampling from x_T at ``t_start`` (default T-1) down to x_0."""
-        t_start = self.num_timesteps - 1 if t_start is None else int(t_start)
-        x = x_T
-        for t in range(t_start, -1, -1):
-            x, _ = self.p_sample(x, t, cond, guidance_scale, clip, generator)
-        return x
+    def model_fn(self, cond: torch.Tensor | None = None, guidance_scale: float = 1.0):
+        """The network as the sampler sees it: ``(x_t, t) -> output`` with this condition and
+        guidance (the weights in use at call time: the EMA copy inside ``ema_scope()``)."""
+        return lambda x_t, t: self.model_output(x_t, t, cond, guidance_scale)
 
     @torch.no_grad()
     def sample(self, batch_size: int = 16, sampler: str = "ddpm", steps: int | None = None,
@@ -175,25 +155,14 @@ class DDPM(MatchedStart, pl.LightningModule):
                     steps: int | None = None, eta: float | None = None, spacing: str | None = None,
                     t_start: int | None = None, guidance_scale: float = 1.0,
                     generator: torch.Generator | None = None, use_ema: bool = True) -> torch.Tensor:
-        """Run the reverse process from ``x_T`` at ``t_start`` (default T-1) to x_0.
-
-        ``sampler="ddpm"``: ancestral, every timestep; it takes no steps, eta or spacing.
-        ``sampler="ddim"``: ``steps`` network calls (default 50), ``eta`` in [0, 1]
-        (default 0, deterministic), ``spacing`` uniform|quad|trailing (default uniform).
-        """
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sampler '{sampler}' unknown; expected one of {SAMPLERS}")
-        if sampler == "ddpm":
-            given = [name for name, value in (("steps", steps), ("eta", eta), ("spacing", spacing)) if value is not None]
-            if given:
-                raise ValueError(f"sampler='ddpm' runs every timestep and takes no {', '.join(given)}; "
-                                 "use sampler='ddim' to choose them")
+        """Run the reverse process from ``x_T`` at ``t_start`` (default T-1) to x_0 with the
+        EMA weights (``use_ema``) and the model's ``clip_denoised``; sampler, steps, eta and
+        spacing as in ``diffusion_modules.diffusion_utils.sampling.run_chain``."""
+        check_sampler(sampler, steps, eta, spacing)
         with self.ema_scope() if use_ema else nullcontext():
-            if sampler == "ddpm":
-                return self.p_sample_loop(x_T, cond, t_start, guidance_scale, generator=generator)
-            return DDIMSampler(self).sample(
-                x_T, cond=cond, steps=50 if steps is None else steps, eta=0.0 if eta is None else eta,
-                t_start=t_start, spacing=spacing or "uniform", guidance_scale=guidance_scale, generator=generator)
+            return run_chain(self.model_fn(cond, guidance_scale), self.diffusion, x_T, sampler=sampler, steps=steps,
+                             eta=eta, spacing=spacing, t_start=t_start, clip=self.clip_denoised,
+                             generator=generator)
 
     @torch.no_grad()
     def denoise(self, noisy: torch.Tensor, sampler: str = "ddim", steps: int | None = None,

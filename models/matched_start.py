@@ -1,6 +1,7 @@
-"""Denoising by the reverse chain from a noisy image: the matched start, shared by the
-unconditional ``DDPM`` (SDEdit: the prior alone) and ``ConditionDDPM`` (which also feeds the
-noisy image to the UNet as its condition).
+"""Denoising by the reverse chain from a noisy image, shared by the unconditional ``DDPM``
+(SDEdit: the prior alone) and ``ConditionDDPM`` (which also feeds the noisy image to the UNet
+as its condition): the model-side glue (padding, condition, EMA) around the matched start of
+``diffusion_modules.diffusion_utils.sampling``, and the K-sample posterior ensemble.
 
 A noisy image y = x0 + 2 sigma n (model units) scaled by sqrt(a_bar_t) has the marginal of
 q(x_t | x0) when sqrt((1 - a_bar_t) / a_bar_t) = 2 sigma; ``start_timestep("auto", sigma)``
@@ -11,17 +12,13 @@ extra network evaluation).
 """
 from __future__ import annotations
 
-import math
 import warnings
 from contextlib import nullcontext
 
 import torch
 
+from diffusion_modules.diffusion_utils.sampling import START_NOISES, capped_steps, matched_start, matched_timestep
 from diffusion_modules.unet_arch.unet_rosinality import pad_to_multiple
-
-#: "condition": x_t* = sqrt(a_bar*) y (the noise of y itself); "independent": fresh noise
-#: around the model's x0 estimate at (sqrt(a_bar*) y, t*).
-START_NOISES = ("condition", "independent")
 
 
 class MatchedStart:
@@ -41,16 +38,7 @@ class MatchedStart:
         if t_start == "auto":
             if sigma is None:
                 raise ValueError("t_start='auto' needs the noise level sigma (std on the [0, 1] scale)")
-            sigma = float(sigma)
-            if not math.isfinite(sigma) or sigma < 0:
-                raise ValueError(f"sigma must be a finite noise std >= 0 on the [0, 1] scale, got {sigma}")
-            t = self.diffusion.noise_to_timestep(2.0 * sigma)
-            top = self.num_timesteps - 1 if self.max_train_timestep is None else self.max_train_timestep
-            top_sigma = float(self.diffusion.sqrt_recipm1_alphas_cumprod[top]) / 2
-            if sigma > top_sigma:
-                warnings.warn(f"sigma={sigma:g} lies beyond the largest noise level this model was trained on "
-                              f"({top_sigma:.3g} on the [0, 1] scale, t={top}); expect a poor result")
-            return min(t, top)
+            return matched_timestep(self.diffusion, sigma, self.max_train_timestep)
         t_start = int(t_start)
         if not 0 <= t_start < self.num_timesteps:
             raise ValueError(f"t_start={t_start} must lie in [0, {self.num_timesteps - 1}]")
@@ -63,21 +51,6 @@ class MatchedStart:
         if start_noise == "independent" and t_start is None:
             raise ValueError("start_noise='independent' re-noises the matched start and needs a t_start "
                              "('auto' with sigma, or an int); from pure noise there is no start to re-noise")
-
-    def matched_start(self, y: torch.Tensor, t0: int, cond: torch.Tensor | None, start_noise: str = "condition",
-                      guidance_scale: float = 1.0, generator: torch.Generator | None = None,
-                      use_ema: bool = True) -> torch.Tensor:
-        """x_t* from the (padded) noisy image y: sqrt(a_bar*) y, or with ``start_noise=
-        "independent"`` sqrt(a_bar*) x0_hat + sqrt(1 - a_bar*) eps, x0_hat the model's clipped
-        x0 prediction at (sqrt(a_bar*) y, t*) and eps ~ N(0, I) from ``generator``."""
-        x = self.diffusion.sqrt_alphas_cumprod[t0] * y
-        if start_noise == "condition":
-            return x
-        tt = torch.full((y.shape[0],), t0, device=y.device, dtype=torch.long)
-        with self.ema_scope() if use_ema else nullcontext():
-            x0_hat, _ = self.predict_start(x, tt, cond, guidance_scale, clip=True)
-        eps = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-        return self.diffusion.q_sample(x0_hat, tt, eps)
 
     @torch.no_grad()
     def sample_from_noisy(self, noisy: torch.Tensor, sampler: str = "ddim", steps: int | None = None,
@@ -100,16 +73,15 @@ class MatchedStart:
         if t0 is not None and t_start == "auto" and float(sigma) == 0:
             warnings.warn("sigma=0: there is no noise to remove; the input is returned unchanged")
             return noisy.clone()
-        if t0 is not None and sampler == "ddim" and (50 if steps is None else steps) > t0 + 1:
-            if steps is not None:
-                warnings.warn(f"steps={steps} capped at {t0 + 1}: a chain starting at t={t0} has no more steps")
-            steps = t0 + 1
+        steps = capped_steps(sampler, steps, t0)
         noisy_p = pad_to_multiple(noisy, self.unet.size_factor)
         cond = self.chain_condition(noisy_p)
         if t0 is None:
             x_T = torch.randn(noisy_p.shape, generator=generator, device=noisy.device, dtype=noisy.dtype)
         else:
-            x_T = self.matched_start(noisy_p, t0, cond, start_noise, guidance_scale, generator, use_ema)
+            with self.ema_scope() if use_ema else nullcontext():
+                x_T = matched_start(self.diffusion, noisy_p, t0, start_noise, self.model_fn(cond, guidance_scale),
+                                    generator)
         out = self.run_sampler(x_T, cond, sampler=sampler, steps=steps, eta=eta, spacing=spacing, t_start=t0,
                                guidance_scale=guidance_scale, generator=generator, use_ema=use_ema)
         return out[..., :h, :w]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from models.ddim import ddim_timesteps
+from diffusion_modules.diffusion_utils.sampling import ddim_timesteps
 from models.ddpm_conditioned import ConditionDDPM
 from models.ddpm_st_diffusion import DDPM
 from models.supervised_unet import SupervisedUNet

@@ -1,10 +1,10 @@
-"""Schedules, forward process, posterior and DDIM steps checked against diffusers."""
+"""Schedules, forward process, posterior and the sampler's steps checked against diffusers."""
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from models.ddim import DDIMSampler, ddim_timesteps
+from diffusion_modules.diffusion_utils.sampling import ancestral_step, ddim_step, ddim_timesteps, run_chain
 from models.ddpm_conditioned import ConditionDDPM
 from models.ddpm_st_diffusion import DDPM
 
@@ -52,6 +52,22 @@ def test_posterior_matches_diffusers_ddpm_step():
 
 
 @pytest.mark.parametrize("param,pred_type", [("eps", "epsilon"), ("v", "v_prediction"), ("x0", "sample")])
+def test_one_ancestral_step_matches_diffusers(param, pred_type):
+    """The whole step, noise included: both draw it with torch.randn from the same generator."""
+    T = 1000
+    ref = DDPMScheduler(num_train_timesteps=T, beta_schedule="scaled_linear", beta_start=1e-4, beta_end=2e-2,
+                        prediction_type=pred_type, clip_sample=False, variance_type="fixed_small")
+    model = tiny_ddpm(parameterization=param)
+    x_t, out = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+    for t in [10, 100, 500, 999]:
+        ours, ours_x0 = ancestral_step(model.diffusion, out, t, x_t, clip=False,
+                                       generator=torch.Generator().manual_seed(3))
+        res = ref.step(out, t, x_t, generator=torch.Generator().manual_seed(3))
+        torch.testing.assert_close(ours, res.prev_sample, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(ours_x0, res.pred_original_sample, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("param,pred_type", [("eps", "epsilon"), ("v", "v_prediction"), ("x0", "sample")])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("clip", [False, True])
 def test_one_ddim_step_matches_diffusers(param, pred_type, eta, clip):
@@ -62,12 +78,11 @@ def test_one_ddim_step_matches_diffusers(param, pred_type, eta, clip):
     ref = DDIMScheduler(num_train_timesteps=T, beta_schedule="scaled_linear", beta_start=1e-4, beta_end=2e-2,
                         prediction_type=pred_type, clip_sample=clip, clip_sample_range=1.0, set_alpha_to_one=True)
     ref.set_timesteps(S)
-    sampler = DDIMSampler(model)
     x_t, out = 1.5 * torch.randn(2, 1, 8, 8), 1.5 * torch.randn(2, 1, 8, 8)  # x0 predictions leave [-1, 1]
     for t in [950, 500, 50, 0]:
         t_prev = t - T // S
         g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
-        ours_prev, ours_x0 = sampler.step(out, t, t_prev, x_t, eta=eta, generator=g1)
+        ours_prev, ours_x0 = ddim_step(model.diffusion, out, t, t_prev, x_t, eta, clip, generator=g1)
         res = ref.step(out, t, x_t, eta=eta, use_clipped_model_output=clip, generator=g2)
         if clip:
             assert res.pred_original_sample.abs().max() == 1.0  # the clamp is active in this case
@@ -122,9 +137,10 @@ def test_ddim_eta1_full_steps_matches_ddpm_ancestral_in_distribution():
     model.unet = GaussianOracle(model.diffusion.alphas_cumprod, mu, s)
     g = torch.Generator().manual_seed(0)
     x_T = torch.randn(3000, 1, 1, 1, generator=g)
-    ddpm = model.p_sample_loop(x_T, generator=g).flatten()
-    ddim = DDIMSampler(model).sample(x_T, steps=T, eta=1.0, generator=g).flatten()
-    ddim0 = DDIMSampler(model).sample(x_T, steps=T, eta=0.0).flatten()
+    model_fn, d = model.model_fn(), model.diffusion
+    ddpm = run_chain(model_fn, d, x_T, sampler="ddpm", clip=False, generator=g).flatten()
+    ddim = run_chain(model_fn, d, x_T, steps=T, eta=1.0, clip=False, generator=g).flatten()
+    ddim0 = run_chain(model_fn, d, x_T, steps=T, eta=0.0, clip=False).flatten()
     for samples in (ddpm, ddim, ddim0):
         assert abs(samples.mean().item() - mu) < 0.012
         assert abs(samples.std().item() - s) < 0.012

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from metrics.denoisers import ModelDenoiser
-from models.ddim import ddim_timesteps
+from diffusion_modules.diffusion_utils.sampling import ddim_timesteps
 from models.ddpm_conditioned import NULL_CONDITION, ConditionDDPM
 from models.ddpm_st_diffusion import DDPM
 from synthetic import tiny_model_cfg
