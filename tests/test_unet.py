@@ -1,5 +1,8 @@
 """The rosinality-style diffusion UNet: size, shapes, fold, attention heads, checkpointing."""
 
+import contextlib
+import copy
+
 import pytest
 import torch
 
@@ -103,15 +106,56 @@ def test_attention_hands_sdpa_contiguous_heads_tokens_dim(monkeypatch):
     assert seen == [[((2, 4, 20, 4), 1, True)] * 3]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused SDPA kernels need a CUDA device")
-def test_attention_runs_with_the_flash_kernel_only_on_gpu():
+def assert_matches_math_kernel(attn: SelfAttention, x: torch.Tensor, backends, ulps: float) -> None:
+    """attn(x) with SDPA restricted to ``backends`` (None: torch's own choice) equals attn(x) on
+    the MATH kernel, on the same module and inputs, to ``ulps`` epsilons of x's dtype times the
+    output scale (the largest |output|). Restricted to kernels that do not accept the inputs,
+    SDPA raises RuntimeError ("No available kernel") instead of falling back."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    attn = randomize(SelfAttention(64, 1), seed=1, std=0.2).cuda().eval().to(torch.bfloat16)
-    x = torch.randn(2, 64, 32, 32, device="cuda", dtype=torch.bfloat16)
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
-        fused = attn(x)  # raises if neither fused kernel accepts the inputs
-    torch.testing.assert_close(fused.float(), attn.float()(x.float()), atol=3e-2, rtol=3e-2)
+    with torch.no_grad():
+        with sdpa_kernel(backends) if backends is not None else contextlib.nullcontext():
+            got = attn(x)
+        with sdpa_kernel([SDPBackend.MATH]):
+            ref = attn(x)
+    assert got.dtype == ref.dtype == x.dtype
+    tol = ulps * torch.finfo(x.dtype).eps * ref.float().abs().max().item()
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize("backends", [None, "fused"])
+@pytest.mark.parametrize("heads", [1, 4])
+def test_attention_kernels_agree_with_the_math_kernel_on_cpu(backends, heads):
+    """The comparison of the GPU test below, here in fp32: torch's default kernel and the fused
+    ones (on CPU: flash) against MATH. In fp32 the kernels differ by summation order over the
+    64-long dot products and the 256 tokens, up to 8 eps x the output scale over 8 seeds, not by
+    one rounding as in bf16: hence 32."""
+    from torch.nn.attention import SDPBackend
+
+    if backends == "fused":
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    attn = randomize(SelfAttention(64, heads), seed=1, std=0.2).eval()
+    x = torch.randn(2, 64, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert_matches_math_kernel(attn, x, backends, ulps=32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fused SDPA kernels need a CUDA device")
+@pytest.mark.parametrize("heads", [1, 4])
+def test_attention_runs_with_the_flash_kernel_only_on_gpu(heads):
+    """In bf16 the block's q, k, v are accepted by the fused kernels alone (flash /
+    memory-efficient; restricted to them SDPA raises instead of falling back to MATH, which
+    builds the tokens x tokens score matrix), and the fused result equals MATH's on the same
+    bf16 module and inputs to a few bf16 epsilons of the output scale: both accumulate in fp32
+    (MATH upcasts bf16), so they differ by roundings to bf16, about 1 eps x the output scale in a
+    CPU emulation of flash; 8 leaves room. A bf16 run against an fp32 reference would measure
+    bf16 rounding of the whole block (up to 0.2 here), not the kernel."""
+    from torch.nn.attention import SDPBackend
+
+    attn = randomize(SelfAttention(64, heads), seed=1, std=0.2).eval()
+    bf16 = copy.deepcopy(attn).cuda().to(torch.bfloat16)  # a copy: .to() converts a module in place
+    x = torch.randn(2, 64, 32, 32, generator=torch.Generator().manual_seed(0)).to("cuda", torch.bfloat16)
+    assert_matches_math_kernel(bf16, x, [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], ulps=8)
+    assert all(p.dtype == torch.float32 and p.device.type == "cpu" for p in attn.parameters())
 
 
 def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
@@ -160,15 +204,26 @@ def test_resblock_without_affine_time_sees_the_timestep(channels):
 
 
 def test_dropout_only_acts_in_train_mode():
+    """In eval mode the net equals an independent computation without dropout: a copy of it
+    (same weights) whose Dropout modules are replaced by Identity. In train mode it differs
+    from that copy, the mask follows the RNG seed, and the same seed gives the same mask."""
     net = randomize(UNet(**{**TINY, "dropout": 0.5}))
+    dropouts = [n for n, m in net.named_modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(net.get_submodule(n).p == 0.5 for n in dropouts)
+    without_dropout = copy.deepcopy(net).eval()
+    for name in dropouts:
+        parent, _, attr = name.rpartition(".")
+        setattr(without_dropout.get_submodule(parent), attr, torch.nn.Identity())
     x, t = torch.randn(1, 2, 16, 16), torch.tensor([7])
-    net.eval()
-    torch.testing.assert_close(net(x, t), net(x, t))
-    net.train()
-    torch.manual_seed(0)
-    a = net(x, t)
-    torch.manual_seed(1)
-    assert not torch.allclose(a, net(x, t))
-    without_dropout = UNet(**{**TINY, "dropout": 0.0})
-    without_dropout.load_state_dict(net.state_dict())
-    torch.testing.assert_close(net.eval()(x, t), without_dropout.eval()(x, t), rtol=0, atol=0)
+    with torch.no_grad():
+        expected = without_dropout(x, t)
+        net.eval()
+        torch.testing.assert_close(net(x, t), expected, rtol=0, atol=0)
+        net.train()
+        torch.manual_seed(0)
+        a = net(x, t)
+        torch.manual_seed(1)
+        b = net(x, t)
+        torch.manual_seed(0)
+        torch.testing.assert_close(net(x, t), a, rtol=0, atol=0)
+    assert not torch.allclose(a, expected) and not torch.allclose(a, b)
