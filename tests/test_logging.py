@@ -13,11 +13,14 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 from omegaconf import OmegaConf
 
+from orchestration.callbacks import TrainingSpeed
 from orchestration.config_checks import check_run_config
 from orchestration.run_info import code_version
 from synthetic import make_volume, tiny_model_cfg
@@ -256,3 +259,24 @@ def test_wandb_offline_writes_its_files_and_opens_no_connection(tmp_path):
     for needle in (b"train/loss", b"train/images_per_sec", b"git_commit"):
         assert needle in data, needle
     assert not list((run_dir / "wandb").glob("run-*"))  # no online run folder
+
+
+def test_peak_gpu_memory_is_per_interval_with_mocked_cuda(monkeypatch):
+    """On CPU, with torch.cuda's counters mocked: a 10 GiB peak in the first logging interval
+    does not show in the second one (the callback resets the peak at each logged step)."""
+    mem = {"now": 0, "peak": 0}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: mem.update(peak=mem["now"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: mem["peak"])
+    logged = []
+    module = SimpleNamespace(device=torch.device("cuda", 0),
+                             log=lambda name, value, **kw: logged.append((name, value)))
+    trainer = SimpleNamespace(global_step=0, log_every_n_steps=1, should_stop=False, world_size=1)
+    cb = TrainingSpeed()
+    cb.on_train_start(trainer, module)
+    for step, gib in enumerate([10, 1], start=1):
+        mem["peak"] = max(mem["peak"], gib * 2 ** 30)  # the step's activations, freed after it
+        trainer.global_step = step
+        cb.on_train_batch_end(trainer, module, None, torch.zeros(4, 1, 8, 8), step - 1)
+    peaks = [v for name, v in logged if name == "train/gpu_mem_peak_gib"]
+    assert peaks == [10, 1]
