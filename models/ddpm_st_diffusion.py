@@ -166,20 +166,27 @@ class DDPM(MatchedStart, pl.LightningModule):
 
     @torch.no_grad()
     def denoise(self, noisy: torch.Tensor, sampler: str = "ddim", steps: int | None = None,
-                eta: float | None = None, spacing: str | None = None, n_samples: int = 1, t_start=None,
-                sigma: float | None = None, return_std: bool = False, batch_size: int = 16,
-                generator: torch.Generator | None = None):
+                eta: float | None = None, spacing: str | None = None, n_samples: int = 1,
+                guidance_scale: float = 1.0, t_start=None, sigma: float | None = None,
+                return_std: bool = False, batch_size: int = 16, generator: torch.Generator | None = None,
+                start_noise: str = "condition"):
         """SDEdit: the posterior mean of ``n_samples`` chains from x_t* = sqrt(a_bar*) noisy at
         ``t_start`` ("auto" with ``sigma`` on the [0, 1] scale, or an int) for ``noisy``
         (B, channels, H, W) in [-1, 1]; the model sees no condition, so only the start carries
-        the image. Same arguments, edges and ensembles as ``ConditionDDPM.denoise``."""
+        the image. The keywords of ``ConditionDDPM.denoise`` (``SamplingOptions``); there is no
+        condition to guide, so ``guidance_scale`` must stay 1."""
         if t_start is None:
             raise ValueError("the unconditional DDPM sees no condition: it denoises only from a start timestep "
                              "(SDEdit); give t_start='auto' with sigma, or an int")
-        self.check_ensemble(n_samples, t_start, sampler, eta, steps)
+        if guidance_scale != 1.0:
+            raise ValueError(f"guidance_scale={guidance_scale}: the unconditional DDPM has no condition to guide; "
+                             "use guidance_scale=1")
+        self.check_start_noise(start_noise, t_start)
+        self.check_ensemble(n_samples, t_start, sampler, eta, steps, start_noise)
 
         def draw(chunk):
-            return self.sample_from_noisy(chunk, sampler, steps, eta, spacing, t_start, sigma, generator=generator)
+            return self.sample_from_noisy(chunk, sampler, steps, eta, spacing, t_start, sigma, generator=generator,
+                                          start_noise=start_noise)
 
         return self.denoise_ensemble(noisy, n_samples, batch_size, return_std, draw)
 

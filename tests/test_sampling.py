@@ -1,5 +1,7 @@
 """The sampling module (diffusion_modules.diffusion_utils.sampling): plain functions of a
 ``model_fn(x, t)``, and the LightningModules' denoise() wired through them."""
+import dataclasses
+import inspect
 import warnings
 
 import numpy as np
@@ -8,9 +10,11 @@ import torch
 
 from diffusion_modules.diffusion_utils.beta_schedule import make_beta_schedule
 from diffusion_modules.diffusion_utils.gaussian_diffusion import GaussianDiffusion
-from diffusion_modules.diffusion_utils.sampling import (capped_steps, ddim_step, ddim_timesteps, matched_start,
-                                                        matched_timestep, run_chain)
+from diffusion_modules.diffusion_utils.sampling import (SamplingOptions, capped_steps, ddim_step, ddim_timesteps,
+                                                        matched_start, matched_timestep, run_chain)
 from models.ddpm_conditioned import ConditionDDPM
+from models.ddpm_st_diffusion import DDPM
+from utils.initialize_configs import ConfigError
 
 UNET = {"target": "diffusion_modules.unet_arch.unet_rosinality.UNet",
         "params": {"in_channel": 2, "channel": 16, "channel_multiplier": [1, 2], "n_res_blocks": 1,
@@ -109,3 +113,35 @@ def test_condition_ddpm_denoise_is_the_chain_of_the_ema_network_from_the_matched
             out = model.unet_ema(torch.cat([x, y], dim=1), torch.full((2,), t))
             x, _ = ddim_step(d, out, t, t_prev, x, 1.0, True, g)
     torch.testing.assert_close(got, x, rtol=0, atol=0)
+
+
+def test_sampling_options_from_a_config_section():
+    opts = SamplingOptions.from_mapping({"sampler": "ddim", "steps": 10, "eta": 0, "t_start": "auto"})
+    assert (opts.steps, opts.eta, opts.t_start, opts.n_samples) == (10, 0, "auto", 1)
+    more = opts.updated({"steps": 5, "eta": 1.0, "n_samples": 4}, "evaluation.methods.6.params")
+    assert (more.steps, more.eta, more.n_samples, more.t_start) == (5, 1.0, 4, "auto") and opts.steps == 10
+    for section, match in [({"stepz": 3}, r"sampling.stepz: unknown key; did you mean 'steps'"),
+                           ({"steps": "ten"}, r"sampling.steps: expected int or null, got 'ten'"),
+                           ({"eta": True}, r"sampling.eta: expected int or float or null"),
+                           ({"eta": 2.0}, r"sampling: eta must lie in \[0, 1\]"),
+                           ({"t_start": "matched"}, r"sampling: t_start must be null, an int or 'auto'"),
+                           ({"n_samples": 0}, r"sampling: n_samples must be >= 1"),
+                           ({"sampler": "ddpm", "steps": 4}, r"sampling: sampler='ddpm' runs every timestep"),
+                           ({"spacing": "log"}, r"sampling: spacing 'log' unknown"),
+                           ({"start_noise": "fresh"}, r"sampling: start_noise 'fresh' unknown")]:
+        with pytest.raises(ConfigError, match=match):
+            SamplingOptions.from_mapping(section)
+
+
+def test_both_diffusion_models_take_every_sampling_option():
+    """One typed object for both: no caller filters keywords by signature."""
+    names = {f.name for f in dataclasses.fields(SamplingOptions)}
+    for cls in (DDPM, ConditionDDPM):
+        params = set(inspect.signature(cls.denoise).parameters) - {"self", "noisy", "sigma", "return_std", "generator"}
+        assert params == names, cls.__name__
+    uncond = DDPM(unet_rosinality_config={**UNET, "params": {**UNET["params"], "in_channel": 1}}, timesteps=100)
+    y = torch.rand(1, 1, 8, 8) * 2 - 1
+    opts = SamplingOptions(steps=2, t_start="auto")
+    assert uncond.denoise(y, **opts.as_kwargs(), sigma=0.1).shape == y.shape
+    with pytest.raises(ValueError, match="no condition to guide"):
+        uncond.denoise(y, **SamplingOptions(t_start="auto", guidance_scale=2.0).as_kwargs(), sigma=0.1)

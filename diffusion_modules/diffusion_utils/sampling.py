@@ -11,16 +11,20 @@ sample and the predicted x0, like diffusers' ``scheduler.step()``. Images are in
 - ``matched_start``: x_t* from the noisy image (its own noise, or fresh noise around x0_hat).
 - ``capped_steps``: a chain from t* has at most t*+1 DDIM steps.
 - ``ancestral_step`` / ``ddim_step`` and ``run_chain``, which runs either sampler.
+- ``SamplingOptions``: the typed options of ``denoise()`` and of a config's ``sampling``.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable
+from dataclasses import dataclass, fields
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
 from diffusion_modules.diffusion_utils.gaussian_diffusion import GaussianDiffusion
+from utils.config_keys import NUMBER, check_keys
+from utils.initialize_configs import ConfigError
 
 #: ``model_fn(x_t, t)``: the raw network output for x_t at timesteps t (long, shape (B,)).
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -173,3 +177,63 @@ def run_chain(model_fn: ModelFn, diffusion: GaussianDiffusion, x_T: torch.Tensor
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         x, _ = ddim_step(diffusion, model_fn(x, tt), t, t_prev, x, 0.0 if eta is None else eta, clip, generator)
     return x
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How a diffusion model denoises: the ``sampling`` section of a run config, a method's
+    ``params`` in ``evaluation.methods``, and the keywords of ``DDPM.denoise`` /
+    ``ConditionDDPM.denoise`` (``model.denoise(noisy, **options.as_kwargs(), sigma=...)``).
+
+    sampler "ddim" | "ddpm"; steps, eta, spacing (DDIM only; None: 50, 0, uniform); t_start
+    None (pure noise), an int, or "auto" (the matched t* of the image's sigma); guidance_scale
+    (conditional models trained with condition dropout); n_samples averaged per image;
+    start_noise "condition" | "independent"; batch_size images per network batch.
+    """
+
+    sampler: str = "ddim"
+    steps: int | None = None
+    eta: float | None = None
+    spacing: str | None = None
+    t_start: int | str | None = None
+    guidance_scale: float = 1.0
+    n_samples: int = 1
+    start_noise: str = "condition"
+    batch_size: int = 16
+
+    #: accepted types of each field in a config (None: null allowed)
+    TYPES = {"sampler": (str,), "steps": (int, None), "eta": (*NUMBER, None), "spacing": (str, None),
+             "t_start": (int, str, None), "guidance_scale": NUMBER, "n_samples": (int,), "start_noise": (str,),
+             "batch_size": (int,)}
+
+    def __post_init__(self):
+        check_sampler(self.sampler, self.steps, self.eta, self.spacing)
+        if self.spacing is not None and self.spacing not in SPACINGS:
+            raise ValueError(f"spacing '{self.spacing}' unknown; expected one of {SPACINGS}")
+        if self.start_noise not in START_NOISES:
+            raise ValueError(f"start_noise '{self.start_noise}' unknown; expected one of {START_NOISES}")
+        if isinstance(self.t_start, str) and self.t_start != "auto":
+            raise ValueError(f"t_start must be null, an int or 'auto', got {self.t_start!r}")
+        for name in ("n_samples", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping | None, path: str = "sampling") -> "SamplingOptions":
+        """Options from a config section; an unknown key or a wrong type is a ConfigError
+        naming ``path.key``, a bad value a ValueError naming ``path``."""
+        values = dict(values or {})
+        check_keys(values, [f.name for f in fields(cls)], cls.TYPES, path)
+        try:
+            return cls(**values)
+        except ValueError as err:
+            raise ConfigError(f"{path}: {err}") from err
+
+    def updated(self, values: Mapping | None, path: str = "sampling") -> "SamplingOptions":
+        """These options with the keys of ``values`` replaced (checked like ``from_mapping``)."""
+        return type(self).from_mapping({**self.as_kwargs(), **dict(values or {})}, path)
+
+    def as_kwargs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
