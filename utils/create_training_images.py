@@ -6,9 +6,10 @@ per plane when several planes are asked):
   patches      (N, S, S) uint16  in-plane patches, same scaling
   slice_index  (N,) int32        slice of each patch in ``volume``
   origin       (N, 2) int32      (row, col) of each patch's top-left pixel
-  attrs: source, modality, plane, acquisition_plane, spacing (row, col, slice mm of this
-  plane), norm_low, norm_high (physical units: HU for CT), image_size, stride, slice_step,
-  min_foreground, foreground_threshold, format_version.
+  attrs: source, source_sha256 (utils.volume_io.source_fingerprint of the input: the
+  sha256 of its bytes, of a DICOM folder's files), modality, plane, acquisition_plane,
+  spacing (row, col, slice mm of this plane), norm_low, norm_high (physical units: HU for
+  CT), image_size, stride, slice_step, min_foreground, foreground_threshold, format_version.
 Volumes are reoriented to the closest RAS axes (never resampled) and cut in radiological
 display: axial (anterior up, patient's right on the image left), coronal (superior up,
 patient's right on the image left), sagittal (superior up, anterior on the image left).
@@ -24,6 +25,7 @@ CLI: python -m utils.create_training_images INPUT --name NAME --out DIR
 """
 
 import argparse
+import numbers
 from pathlib import Path
 
 import h5py
@@ -34,11 +36,23 @@ from utils.atomic import atomic_write, remove_stale_temporaries
 from utils.intensity import check_modality, normalize
 from utils.paths import check_name
 from utils.planes import ACQUISITION, PLANE_AXES, PLANES, acquisition_plane, cut_plane, parse_planes
-from utils.volume_io import load_volume
+from utils.volume_io import load_volume, source_fingerprint
 
 FORMAT_VERSION = 2  # 2: planes (attrs plane, acquisition_plane; spacing of the plane)
 FOREGROUND_THRESHOLD = 0.05
 UINT16_SCALE = 65535.0
+
+
+def check_count(value, name: str) -> int:
+    """``value`` as an int when it is an integer >= 1; a ValueError naming ``name`` for
+    anything else: 0, negatives, floats (64.5, also 64.0), strings ("64"), booleans."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r} ({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value}")
+    return int(value)
+
+
 def plane_file_names(datasetname: str, planes) -> list[str]:
     """HDF5 file names of save_as_hdf5(planes=...): ``<name>.h5`` for one plane (or
     "acquisition"), ``<name>_<plane>.h5`` per plane for several, in the order given."""
@@ -110,12 +124,14 @@ def save_as_hdf5(
     targetdir = Path(targetdir)
     if targetdir.exists() and not targetdir.is_dir():
         raise NotADirectoryError(f"target folder {targetdir} is a file")
-    if image_size < 1 or stride < 1 or slice_step < 1:
-        raise ValueError(f"image_size ({image_size}), stride ({stride}) and slice_step ({slice_step}) must be >= 1")
-    if not 0.0 <= min_foreground <= 1.0:
+    image_size, stride = check_count(image_size, "image_size"), check_count(stride, "stride")
+    slice_step = check_count(slice_step, "slice_step")
+    if isinstance(min_foreground, bool) or not isinstance(min_foreground, numbers.Real) \
+            or not 0.0 <= min_foreground <= 1.0:
         raise ValueError(f"min_foreground must lie in [0,1], got {min_foreground}")
     wanted = parse_planes(planes)
     names = plane_file_names(datasetname, wanted)
+    fingerprint = source_fingerprint(inputpath) if Path(inputpath).exists() else None  # before reading it
     ras, zooms, found = load_volume(inputpath)
     modality = resolve_modality(modality, datasetname, found)
     acquisition = acquisition_plane(zooms)
@@ -140,7 +156,7 @@ def save_as_hdf5(
         origins = {z: foreground_origins(x01[z], image_size, stride, min_foreground) for z in slice_ids}
         if not any(origins.values()):
             raise ValueError(f"{inputpath} ({plane} plane): no patch has a foreground fraction >= {min_foreground}")
-        attrs = dict(source=Path(inputpath).name, modality=modality, plane=plane, acquisition_plane=acquisition,
+        attrs = dict(source=Path(inputpath).name, source_sha256=fingerprint, modality=modality, plane=plane, acquisition_plane=acquisition,
                      spacing=np.asarray(spacing, dtype=np.float64), norm_low=norm["low"], norm_high=norm["high"],
                      foreground_threshold=FOREGROUND_THRESHOLD, format_version=FORMAT_VERSION, **settings)
         cuts.append((target, x01, origins, attrs))

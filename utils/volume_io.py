@@ -2,6 +2,7 @@
 arrays in physical units (HU for CT, scanner units for MR) with (x, y, z) spacing in mm."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,38 @@ def source_stem(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def _file_sha256(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()
+
+
+def source_fingerprint(inputpath) -> str:
+    """sha256 (hex) of a volume's content, whatever its files' times: the bytes of a file;
+    for a DICOM series folder, every file's path relative to the folder and the sha256 of
+    its bytes, in sorted order (a renamed, added, removed or changed file changes it)."""
+    path = Path(inputpath)
+    if not path.is_dir():
+        return hashlib.sha256(_file_sha256(path)).hexdigest()
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        name = file.relative_to(path).as_posix().encode()
+        digest.update(len(name).to_bytes(8, "little") + name + _file_sha256(file))
+    return digest.hexdigest()
+
+
+def voxel_fingerprint(volume: np.ndarray) -> str:
+    """sha256 (hex) of a volume's voxels: its shape and its values as C-ordered float32. The
+    RAS array of ``load_volume`` gives the same digest for the same voxels in any container
+    (.nii, .nii.gz, another data type of the same values, a DICOM series)."""
+    volume = np.ascontiguousarray(volume, dtype=np.float32)
+    digest = hashlib.sha256(repr(tuple(int(n) for n in volume.shape)).encode())
+    digest.update(volume.tobytes())
+    return digest.hexdigest()
 
 
 def load_nifti_image(path: Path):

@@ -31,12 +31,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from diffusion_modules.diffusion_utils.augment import Augmentation
+from diffusion_modules.diffusion_utils.cache import stale_reason
 from diffusion_modules.diffusion_utils.hdf5dataset import HDF5PatchDataset, HDF5SliceDataset, read_meta
 from diffusion_modules.diffusion_utils.noise import build_noise
 from diffusion_modules.diffusion_utils.resumable import ResumableLoader, ResumableSampler
-from utils.create_training_images import FORMAT_VERSION, plane_file_names, save_as_hdf5
+from utils.create_training_images import check_count, plane_file_names, save_as_hdf5
 from utils.planes import ACQUISITION, PLANE_AXES, parse_planes
-from utils.volume_io import source_stem
+from utils.volume_io import source_fingerprint, source_stem
 from utils.intensity import check_modality
 from utils.paths import check_name, resolve_path
 
@@ -141,8 +142,11 @@ class DenoisingDataModule(pl.LightningDataModule):
 
     volumes: NIfTI files / DICOM folders / built .h5 files; strings (modality from the name)
         or {path, modality, name} mappings; relative paths from the repository root.
-    cache_dir: folder for the built HDF5 files (rebuilt when missing or stale).
-    image_size, stride, slice_step, min_foreground: patching (see save_as_hdf5).
+    cache_dir: folder for the built HDF5 files (rebuilt when missing, built from other
+        content of the source (sha256) or with other settings, or inconsistent: cache.py).
+    image_size, stride, slice_step, min_foreground: patching (see save_as_hdf5); integers
+        >= 1 (ValueError naming the key otherwise); a given .h5 file must hold patches of
+        image_size.
     planes: "acquisition" (across the thickest voxels), a plane name (axial, coronal,
         sagittal) or a list of them: one HDF5 file per (volume, plane), see the module docstring.
     noise: build_noise config, e.g. {"type": "gaussian", "sigma": 0.1} (sigma on [0,1]).
@@ -186,7 +190,8 @@ class DenoisingDataModule(pl.LightningDataModule):
         if duplicates:
             raise ValueError(f"volume names must be unique, repeated: {duplicates} (set 'name' per volume)")
         self.cache_dir = resolve_path(cache_dir)
-        self.image_size, self.stride, self.slice_step = int(image_size), int(stride), int(slice_step)
+        self.image_size, self.stride = check_count(image_size, "image_size"), check_count(stride, "stride")
+        self.slice_step = check_count(slice_step, "slice_step")
         self.min_foreground = float(min_foreground)
         self.planes = parse_planes(planes)
         targets = [t for v in self.volumes for t in self._targets(v)]
@@ -234,37 +239,25 @@ class DenoisingDataModule(pl.LightningDataModule):
             return [volume["path"]]
         return [self.cache_dir / name for name in plane_file_names(volume["name"], self.planes)]
 
-    def _is_current(self, volume: dict, target: Path, plane: str) -> bool:
-        """True if target exists, matches the settings (plane: a plane name or "acquisition")
-        and is newer than its source."""
-        if not target.is_file() or target.stat().st_mtime < volume["path"].stat().st_mtime:
-            return False
-        try:
-            with h5py.File(target, "r") as f:
-                a = f.attrs
-                return (
-                    int(a.get("format_version", -1)) == FORMAT_VERSION
-                    and str(a.get("source")) == volume["path"].name
-                    and str(a.get("modality")) == volume["modality"]
-                    and int(a.get("image_size", -1)) == self.image_size
-                    and int(a.get("stride", -1)) == self.stride
-                    and int(a.get("slice_step", -1)) == self.slice_step
-                    and float(a.get("min_foreground", -1)) == self.min_foreground
-                    and str(a.get("plane")) == str(a.get("acquisition_plane") if plane == ACQUISITION else plane)
-                    and all(k in f for k in ("volume", "patches", "slice_index", "origin"))
-                )
-        except OSError:
-            return False
-
     def prepare_data(self) -> None:
-        """Build the HDF5 file of every volume that is missing or stale (idempotent)."""
+        """Build the HDF5 file of every volume that is missing or stale (``cache.stale_reason``:
+        other source content, settings or plane, or inconsistent); idempotent. A given .h5
+        file is checked (hdf5dataset.read_meta) and must hold patches of ``image_size``."""
+        settings = dict(image_size=self.image_size, stride=self.stride, slice_step=self.slice_step,
+                        min_foreground=self.min_foreground)
         for volume in self.volumes:
             if not volume["path"].exists():
                 raise FileNotFoundError(f"volume does not exist: {volume['path']}")
             if volume["h5"]:
+                size = read_meta(volume["path"])["patch_size"]
+                if size != self.image_size:
+                    raise ValueError(f"{volume['path']}: field 'image_size' (its patches) is {size}, the data "
+                                     f"config's image_size is {self.image_size}: rebuild the file or change image_size")
                 continue
             planes = [ACQUISITION] if self.planes == ACQUISITION else self.planes
-            if not all(self._is_current(volume, t, p) for t, p in zip(self._targets(volume), planes)):
+            fingerprint = source_fingerprint(volume["path"])
+            wanted = dict(modality=volume["modality"], **settings)
+            if any(stale_reason(t, volume["path"], fingerprint, wanted, p) for t, p in zip(self._targets(volume), planes)):
                 save_as_hdf5(
                     volume["path"],
                     volume["name"],

@@ -51,8 +51,51 @@ REQUIRED = ("volume", "patches", "slice_index", "origin")
 TRAIN_STREAM = 0x7472
 
 
+#: patches whose pixels check_layout compares with their place in ``volume`` (evenly spread)
+SPOT_CHECKS = 8
+
+
+def check_layout(f: h5py.File, path) -> None:
+    """ValueError naming ``path`` and the field when an HDF5 patch file disagrees with itself:
+    ``volume`` not (slices, rows, cols); ``patches`` not (N, S, S) or S not its ``image_size``
+    attribute; ``slice_index``/``origin`` not one entry per patch; a slice index outside the
+    volume; an origin whose patch leaves the slice; or a patch (SPOT_CHECKS evenly spread
+    ones) that is not the volume's pixels at its slice and origin."""
+    def bad(field: str, what: str):
+        raise ValueError(f"{path}: inconsistent field {field!r}: {what}; rebuild the file with "
+                         "utils.create_training_images")
+
+    volume, patches, index, origin = (f[k] for k in REQUIRED)
+    if volume.ndim != 3 or 0 in volume.shape:
+        bad("volume", f"shape {volume.shape}, expected (slices, rows, cols)")
+    if patches.ndim != 3 or patches.shape[1] != patches.shape[2]:
+        bad("patches", f"shape {patches.shape}, expected (N, S, S)")
+    n, size = patches.shape[:2]
+    if "image_size" in f.attrs and int(f.attrs["image_size"]) != size:
+        bad("image_size", f"attribute {f.attrs['image_size']} but the patches are {size} x {size}")
+    if index.shape != (n,):
+        bad("slice_index", f"shape {index.shape}, expected ({n},): one per patch")
+    if origin.shape != (n, 2):
+        bad("origin", f"shape {origin.shape}, expected ({n}, 2): (row, col) per patch")
+    z, o = index[:].astype(np.int64), origin[:].astype(np.int64)
+    slices, rows, cols = volume.shape
+    wrong = np.flatnonzero((z < 0) | (z >= slices))
+    if wrong.size:
+        bad("slice_index", f"patch {wrong[0]} lies at slice {z[wrong[0]]}, the volume has {slices} slices")
+    wrong = np.flatnonzero((o < 0).any(axis=1) | (o[:, 0] + size > rows) | (o[:, 1] + size > cols))
+    if wrong.size:
+        bad("origin", f"patch {wrong[0]} of {size} x {size} at (row, col) {tuple(o[wrong[0]])} leaves the "
+                      f"{rows} x {cols} slices")
+    for i in np.unique(np.round(np.linspace(0, n - 1, min(n, SPOT_CHECKS))).astype(int)) if n else []:
+        r, c = o[i]
+        if not np.array_equal(patches[i], volume[z[i], r : r + size, c : c + size]):
+            bad("patches", f"patch {i} is not the volume's pixels at slice {z[i]}, (row, col) ({r}, {c}): "
+                           "its slice_index or origin is wrong")
+
+
 def read_meta(path: Path) -> dict:
-    """Check an HDF5 file's layout; return its metadata (modality, norm, spacing, source, n_slices)."""
+    """Check an HDF5 file's layout (``check_layout``); return its metadata (modality, norm,
+    spacing, source, n_slices, patch_size, slice_index, origin)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"HDF5 file does not exist: {path}")
@@ -64,6 +107,7 @@ def read_meta(path: Path) -> dict:
         missing = [k for k in REQUIRED if k not in f]
         if missing:
             raise ValueError(f"{path} lacks the dataset(s) {missing}: rebuild it with utils.create_training_images")
+        check_layout(f, path)
         attrs = f.attrs
         modality = str(attrs.get("modality", ""))
         norm = {"modality": modality, "low": float(attrs["norm_low"]), "high": float(attrs["norm_high"])}
@@ -73,6 +117,7 @@ def read_meta(path: Path) -> dict:
             "spacing": tuple(float(s) for s in attrs["spacing"]),
             "source": source_stem(path),
             "n_slices": int(f["volume"].shape[0]),
+            "patch_size": int(f["patches"].shape[1]),
             "slice_index": f["slice_index"][:],
             "origin": f["origin"][:],
         }
