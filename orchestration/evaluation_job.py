@@ -20,7 +20,7 @@ from utils.initialize_configs import instantiate_from_configs
 from utils.intensity import MODALITIES, check_modality, normalize
 from utils.paths import resolve_path
 from utils.planes import ACQUISITION, PLANES, acquisition_plane, cut_plane
-from utils.volume_io import is_nifti, load_volume, source_stem
+from utils.volume_io import is_nifti, load_volume, source_stem, voxel_fingerprint
 
 PYDICOM_PREFIX = "pydicom:"  # pydicom:CT_small.dcm = a test file shipped inside the pydicom package
 TEST_VOLUME_KEYS = ("path", "modality", "name", "label", "max_slices", "plane")
@@ -120,11 +120,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _voxel_shape(path: Path):
+    """The sorted voxel counts of a NIfTI file from its header (the RAS array's axes are a
+    permutation of them; a trailing axis of 1 dropped), None when unknown without loading."""
+    if not is_nifti(path):
+        return None
+    import nibabel as nib
+
+    try:
+        shape = nib.load(str(path)).shape
+    except Exception:  # unreadable: load_volume names it
+        return None
+    return tuple(sorted(shape[:3])) if len(shape) == 3 or (len(shape) == 4 and shape[3] == 1) else None
+
+
 def refuse_training_volumes(tests, train_paths) -> None:
-    """ValueError naming both when a test volume has the path of a training volume, or
-    shares a file's content (sha256 of the bytes: an identical NIfTI, or a DICOM file of
-    a training series) with one. Only training files of a size some test file has are
-    hashed."""
+    """ValueError naming both when a test volume has the path of a training volume, shares
+    a file's content with one (sha256 of the bytes: an identical NIfTI, or a DICOM file of
+    a training series), or has its voxels (``utils.volume_io.voxel_fingerprint`` of the RAS
+    arrays: the same volume in another container, e.g. a .nii.gz re-saved as .nii or as a
+    DICOM series). Only training files of a size some test file has are hashed, and only
+    training volumes whose header shape matches a test volume's (DICOM: always) are loaded;
+    built .h5 training files are compared by their bytes alone."""
     test_files = {t["name"]: [(f, f.stat().st_size) for f in _files(t["path"])] for t in tests}
     sizes = {size for files in test_files.values() for _, size in files}
     digests = {}
@@ -146,6 +163,19 @@ def refuse_training_volumes(tests, train_paths) -> None:
                 raise ValueError(f"evaluation.test_volumes entry {t['name']!r} ({t['path']}) has the content of "
                                  f"the training volume {train} of the data section (sha256 "
                                  f"{min(shared)[:12]}...): test volumes must be volumes no training split touches")
+    voxels = {}
+    for t in tests:
+        volume = load_test_volume(t["path"])[0]
+        voxels[voxel_fingerprint(volume)] = (t, tuple(sorted(volume.shape)))
+    shapes = {shape for _, shape in voxels.values()}
+    for train in train_paths:
+        if not train.exists() or train.suffix.lower() == ".h5" or _voxel_shape(train) not in shapes | {None}:
+            continue
+        t, _ = voxels.get(voxel_fingerprint(load_test_volume(train)[0]), (None, None))
+        if t is not None:
+            raise ValueError(f"evaluation.test_volumes entry {t['name']!r} ({t['path']}) has the voxels of the "
+                             f"training volume {train} of the data section (the same volume in another file): "
+                             "test volumes must be volumes no training split touches")
 
 
 def load_test_volume(path: Path):

@@ -102,6 +102,27 @@ def test_test_volume_identical_to_a_training_volume_is_refused(tmp_path):
         refuse_training_volumes(parse_test_volumes(["pydicom:CT_small.dcm"], 1), [series])
 
 
+@pytest.mark.parametrize("resave", ["as .nii", "as float32 .nii.gz", "with flipped axes"])
+def test_a_training_volume_in_another_container_is_refused_naming_both(tmp_path, resave):
+    """Before: only file bytes were compared, so the same voxels in a .nii passed as unseen."""
+    train = make_volume(tmp_path / "train_ct.nii.gz", "ct")
+    img = nib.load(str(train))
+    data, affine = np.asarray(img.dataobj), img.affine
+    if resave == "as float32 .nii.gz":
+        data = data.astype(np.float32)
+    elif resave == "with flipped axes":  # stored x-flipped: the same RAS voxels
+        data, affine = data[::-1], affine @ np.array([[-1, 0, 0, data.shape[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    copy = tmp_path / "elsewhere" / ("copy.nii" if resave == "as .nii" else "copy.nii.gz")
+    copy.parent.mkdir()
+    nib.save(nib.Nifti1Image(data, affine), str(copy))
+    assert copy.read_bytes() != train.read_bytes()
+    with pytest.raises(ValueError, match=re.escape(f"'copy' ({copy}) has the voxels of the training volume {train}")):
+        refuse_training_volumes(parse_test_volumes([str(copy)], 2), [train])
+    other = tmp_path / "other.nii"  # same shape, other voxels: passes
+    nib.save(nib.load(str(make_volume(tmp_path / "o_ct.nii.gz", "ct", seed=1))), str(other))
+    refuse_training_volumes(parse_test_volumes([str(other)], 2), [train])
+
+
 def test_pydicom_slices_load_in_hu_with_their_modality():
     assert volume_path("pydicom:CT_small.dcm") == Path(get_testdata_file("CT_small.dcm", download=False))
     with pytest.raises(FileNotFoundError, match="no test file"):
