@@ -72,8 +72,8 @@ class ImageMetrics:
             physical units such as HU need it given explicitly).
         Returns {"psnr", "ssim", "mae"} (means over images, floats) and
         "per_image": {"psnr": [...], "ssim": [...], "mae": [...]}.
-        Raises ValueError on shape mismatch, NaN/inf values, an empty mask or a
-        non-positive dynamic range.
+        Raises ValueError on shape mismatch, an empty batch (no image, or images of no
+        pixel), NaN/inf values, an empty mask or a non-positive dynamic range.
         """
         gt_b = _as_batch(_to_numpy(gt, "gt"), "gt")
         pred_b = _as_batch(_to_numpy(pred, "pred"), "pred")
@@ -81,6 +81,8 @@ class ImageMetrics:
             raise ValueError(
                 f"shape mismatch: gt {tuple(np.shape(gt))} vs pred {tuple(np.shape(pred))}"
             )
+        if gt_b.size == 0:  # the mean over no image would be NaN
+            raise ValueError(f"empty batch: gt and pred of shape {tuple(np.shape(gt))} hold no pixel to score")
         for what, arr in (("gt", gt_b), ("pred", pred_b)):
             if not np.all(np.isfinite(arr)):
                 raise ValueError(f"{what} contains NaN or inf values")

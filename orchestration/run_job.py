@@ -1,16 +1,19 @@
 """The main job: train the configured model, then evaluate it against the baselines."""
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from models.supervised_unet import SupervisedUNet
 from orchestration.checkpoints import pretrained_models, read_checkpoint
-from orchestration.config_checks import check_run_config
+from orchestration.cli import USER_ERRORS
+from orchestration.config_checks import MAIN_JOB_MODEL_KEYS, check_evaluation_ready, check_run_config
 from orchestration.evaluation_job import checked_test_volumes, run_evaluation
-from orchestration.training import make_run_dir, train
-from utils.initialize_configs import load_config
+from orchestration.training import TrainingStarted, build_run, make_run_dir, train
+from utils.initialize_configs import load_config, validate_target_config
 from utils.paths import resolve_path
 
 
@@ -25,23 +28,79 @@ def train_unet_baseline(cfg: DictConfig, run_dir: Path) -> SupervisedUNet:
     return model.eval()
 
 
-def run_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
-    """Train ``cfg.model`` on ``cfg.data`` (continuing ``resume`` if given); evaluate when
-    ``evaluation.enabled``. Returns the paths written."""
+def remove_run_dir(run_dir: Path, save_dir_existed: bool) -> None:
+    """Remove the folder of a run that failed before its first trained batch, and the
+    ``logging.save_dir`` made for it when it is empty now."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if run_dir.exists():
+        print(f"could not remove the run folder {run_dir} of the failed run", file=sys.stderr)
+    elif not save_dir_existed:
+        try:
+            run_dir.parent.rmdir()
+        except OSError:
+            pass
+
+
+def check_training_volumes(cfg: DictConfig) -> None:
+    """FileNotFoundError naming the entry of ``data.params.volumes`` whose file is missing."""
+    volumes = ((cfg.get("data") or {}).get("params") or {}).get("volumes") or []
+    for i, entry in enumerate([volumes] if isinstance(volumes, (str, Path)) else volumes):
+        path = entry.get("path") if hasattr(entry, "get") else entry
+        if path is not None and not resolve_path(path).exists():
+            raise FileNotFoundError(f"data.params.volumes[{i}]: volume not found: {resolve_path(path)}")
+
+
+def prepare_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
+    """Everything the job checks and builds before it makes the run folder, so that a bad
+    input writes nothing: every config key (evaluation methods included), the ``resume`` and
+    ``init_from`` checkpoints against the model built from the config, the data module
+    built and its volume files present, the U-Net baseline's config, the shipped models and
+    the test volumes of the evaluation. Returns ``built`` (model, datamodule), ``evaluate``
+    and the loaded ``models``."""
     check_run_config(cfg)  # every key, before anything is written
-    if resume is not None and not Path(resume).is_file():
-        raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
+    ckpt = None
     if resume is not None:
-        read_checkpoint(resume, resume)  # an empty or truncated file: a CheckpointError naming it, no run folder
+        if not Path(resume).is_file():
+            raise FileNotFoundError(f"checkpoint to resume not found: {resume}")
+        ckpt = read_checkpoint(resume, resume)  # an empty or truncated file: a CheckpointError naming it
     if cfg.get("init_from") and not resolve_path(cfg.init_from).is_file():
         raise FileNotFoundError(f"init_from: checkpoint not found: {resolve_path(cfg.init_from)}")
+    check_training_volumes(cfg)
+    built = build_run(cfg, resume, ckpt)  # the model of another width than init_from's / resume's is refused here
+    del ckpt
     ev = cfg.get("evaluation")
     evaluate = ev is not None and ev.get("enabled", True)
-    models = pretrained_models(ev, cfg.get("allow_targets")) if evaluate else {}  # a missing checkpoint fails before training
+    models = {}
     if evaluate:
+        check_evaluation_ready(ev, model_keys=MAIN_JOB_MODEL_KEYS)
+        models = pretrained_models(ev, cfg.get("allow_targets"))  # a missing checkpoint fails before training
         checked_test_volumes(cfg)  # a test volume that is also a training volume fails before training
+        if ev.get("unet_config") and not isinstance(built[0], SupervisedUNet):
+            ucfg = load_config(resolve_path(ev.unet_config))
+            check_run_config(ucfg)
+            validate_target_config(ucfg.model, "model", allow_targets=cfg.get("allow_targets"))
+    return {"built": built, "evaluate": evaluate, "models": models}
+
+
+def run_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
+    """Train ``cfg.model`` on ``cfg.data`` (continuing ``resume`` if given); evaluate when
+    ``evaluation.enabled``. Returns the paths written.
+
+    A bad input is refused before the run folder is made (``prepare_job``); one found
+    later (a volume that cannot be converted, a batch size the loader refuses), but before
+    the first trained batch, removes the run folder again. A run that trained a batch keeps
+    its folder whatever happens."""
+    job = prepare_job(cfg, resume)
+    ev, evaluate, models = cfg.get("evaluation"), job["evaluate"], job["models"]
+    save_dir_existed = resolve_path(cfg.get("logging", {}).get("save_dir", "runs")).is_dir()
     run_dir = make_run_dir(cfg)
-    model, _, ckpt = train(cfg, run_dir, resume=resume)
+    started = TrainingStarted()
+    try:
+        model, _, ckpt = train(cfg, run_dir, resume=resume, built=job["built"], callbacks=[started])
+    except USER_ERRORS:
+        if not started.started:
+            remove_run_dir(run_dir, save_dir_existed)
+        raise
     result = {"run_dir": run_dir, "checkpoint": ckpt}
     if not evaluate:
         print(f"run folder: {run_dir}\ncheckpoint: {ckpt}")

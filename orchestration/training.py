@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -112,27 +112,77 @@ def init_weights(model, path: str | Path, allow_targets=None) -> None:
     print(f"initialized the network from {path} ({prefix.rstrip('.')} weights)")
 
 
-def train(cfg: DictConfig, run_dir: Path, resume: str | Path | None = None):
-    """Fit ``cfg.model`` on ``cfg.data``, continuing from the checkpoint ``resume`` if given
-    (weights, EMA, optimizer, schedule, step count, data position and random generator
-    states: the run ends as an uninterrupted one would, orchestration/resume.py); returns
-    (model with final weights, datamodule, last checkpoint)."""
+class TrainingStarted(Callback):
+    """``started`` is True once the fit has taken an optimizer step (counted from where a
+    resumed run restarts, whatever the callback order): a run that fails before that has
+    nothing worth keeping (orchestration.run_job removes its folder)."""
+
+    def __init__(self):
+        self._trainer, self._first_step = None, 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._trainer, self._first_step = trainer, trainer.global_step
+
+    @property
+    def started(self) -> bool:
+        return self._trainer is not None and self._trainer.global_step > self._first_step
+
+
+def check_resume_checkpoint(model, ckpt: dict, path: str | Path) -> None:
+    """CheckpointError naming ``path`` unless the training checkpoint ``ckpt`` can continue
+    ``model``: a full training checkpoint (optimizer and loop states, not an exported one)
+    of the same model class whose weights have the model's names and shapes."""
+    if not {"optimizer_states", "loops"} <= set(ckpt):
+        raise CheckpointError(f"--resume {path}: not a training checkpoint (no optimizer or loop state, e.g. an "
+                              "exported one); start from its weights with init_from instead")
+    found = checkpoint_model_class(ckpt.get("hyper_parameters") or {})
+    if type(model) is not found:
+        raise CheckpointError(f"--resume {path} holds a {found.__name__}, the run trains a {type(model).__name__}")
+    theirs = {k: tuple(v.shape) for k, v in (ckpt.get("state_dict") or {}).items() if hasattr(v, "shape")}
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wrong = [f"{k} {theirs[k]} (configured {ours[k]})" for k in ours if k in theirs and theirs[k] != ours[k]]
+    wrong += [f"{k} missing" for k in ours if k not in theirs] + [f"{k} not in the model" for k in theirs if k not in ours]
+    if wrong:
+        raise CheckpointError(f"--resume {path} does not fit the configured model ({len(wrong)} weight(s) differ: "
+                              f"{'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''})")
+
+
+def build_run(cfg: DictConfig, resume: str | Path | None = None, ckpt: dict | None = None):
+    """The (model, datamodule) ``train`` fits, built from the config's targets (checked
+    against the allowlist first) after seeding with ``seed``: the model starts from
+    ``init_from``'s weights, or is checked against the ``resume`` checkpoint (``ckpt``: its
+    contents if already read). Writes nothing, so the main job builds them before it makes
+    the run folder; every refusal is a ConfigError / CheckpointError / FileNotFoundError."""
     allow = cfg.get("allow_targets")  # extra target prefixes the run config permits
     validate_target_config(cfg.model, "model", allow_targets=allow)
     validate_target_config(cfg.data, "data", allow_targets=allow)
     seed = int(cfg.get("seed", 0))
     pl.seed_everything(seed, workers=True)
-    if resume:  # temporaries of the killed run beside its checkpoint (utils/atomic.py)
-        remove_stale_temporaries(Path(resume).parent)
-    save_config(cfg, run_dir / "config.yaml")
-    run_info = write_run_info(run_dir)  # git commit (dirty or not) and versions: <run>/run_info.yaml
     datamodule = instantiate_from_configs(cfg.data, "data", allow_targets=allow)
     if hasattr(datamodule, "train_seed"):  # training order, noise and augmentation follow `seed`
         datamodule.train_seed = seed
     model = instantiate_from_configs(cfg.model, "model", allow_targets=allow)
-    if cfg.get("init_from") and not resume:
+    if resume:
+        check_resume_checkpoint(model, ckpt if ckpt is not None else read_checkpoint(resume, resume), resume)
+    elif cfg.get("init_from"):
         init_weights(model, cfg.init_from, allow)
+    return model, datamodule
+
+
+def train(cfg: DictConfig, run_dir: Path, resume: str | Path | None = None, built=None, callbacks=()):
+    """Fit ``cfg.model`` on ``cfg.data``, continuing from the checkpoint ``resume`` if given
+    (weights, EMA, optimizer, schedule, step count, data position and random generator
+    states: the run ends as an uninterrupted one would, orchestration/resume.py); returns
+    (model with final weights, datamodule, last checkpoint). ``built``: the (model,
+    datamodule) of ``build_run(cfg, resume)`` if already made; ``callbacks``: more trainer
+    callbacks (e.g. a TrainingStarted)."""
+    model, datamodule = built if built is not None else build_run(cfg, resume)
+    if resume:  # temporaries of the killed run beside its checkpoint (utils/atomic.py)
+        remove_stale_temporaries(Path(resume).parent)
+    save_config(cfg, run_dir / "config.yaml")
+    run_info = write_run_info(run_dir)  # git commit (dirty or not) and versions: <run>/run_info.yaml
     trainer = build_trainer(cfg, run_dir)
+    trainer.callbacks.extend(callbacks)
     # the whole resolved run config and the run info (git commit) go to the logger (the
     # DataModule saves no hparams of its own, so checkpoints carry no data paths)
     trainer.logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": run_info})

@@ -6,6 +6,11 @@ Overrides use OmegaConf's dotlist syntax (``trainer.max_steps=100``). The resolv
 ``run_info.yaml`` (git commit), checkpoints, the logger's files (``logging.logger``: wandb,
 offline unless ``logging.wandb_sync=true``, tensorboard or csv) and the evaluation table
 and figures go to ``<logging.save_dir>/<logging.name>-<timestamp>/``.
+
+Exit status: 0 done; 2 a refused input (config key or value, missing or unreadable
+volume or checkpoint, a checkpoint of another model), one line on stderr naming it, and no
+run folder unless training had started; 1 training stopped on a NaN/inf loss or gradient
+(the run folder and its checkpoints stay); any other failure is a bug with a traceback.
 """
 from __future__ import annotations
 
@@ -15,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.initialize_configs import ConfigError, load_config  # noqa: E402
+from utils.initialize_configs import load_config  # noqa: E402
+from orchestration.cli import user_error_boundary  # noqa: E402
 from orchestration.config_checks import check_run_config  # noqa: E402
 from orchestration.run_job import run_job  # noqa: E402
 
@@ -26,11 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", help="checkpoint of an interrupted run to continue (optimizer, schedule, EMA)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (OmegaConf dotlist)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        check_run_config(cfg)
-    except ConfigError as err:
-        parser.error(str(err))
+    return user_error_boundary("dm4mi-conditional.py", lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
+    check_run_config(cfg)
     try:
         run_job(cfg, resume=args.resume)
     except FloatingPointError as err:  # NaN/inf loss or gradient (orchestration.callbacks.NonFiniteGuard)

@@ -12,6 +12,10 @@ The shipped models named by evaluation.pretrained_ddpm and evaluation.unet_ckpt 
 loaded too (the flags replace them). ``--model KEY=PATH`` loads more ConditionDDPMs for
 methods with ``model: KEY``, so several checkpoints are scored on the same noise in one
 table. Methods whose model is missing are skipped.
+
+Exit status 2 with one line on stderr naming the input for a refused input (config key,
+checkpoint, --model, a --device this machine lacks, an --out that cannot be written),
+all found before the data are read.
 """
 
 from __future__ import annotations
@@ -43,34 +47,44 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from orchestration.cli import user_error_boundary
+
+    return user_error_boundary("evaluate.py", lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> dict:
     from orchestration.evaluation_job import run_evaluation
     from models.ddpm_conditioned import ConditionDDPM
     from models.supervised_unet import SupervisedUNet
     from orchestration.checkpoints import load_checkpoint, pretrained_models
-    from orchestration.config_checks import check_run_config
+    from orchestration.cli import check_writable_folder, checked_device
+    from orchestration.config_checks import check_evaluation_ready, check_run_config
     from utils.initialize_configs import load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        check_run_config(cfg)
-        allow = cfg.get("allow_targets")
-        models = pretrained_models(cfg.get("evaluation", {}), allow_targets=allow)
-        named = [("ddpm", ConditionDDPM, args.ckpt), ("unet", SupervisedUNet, args.unet_ckpt),
-                 ("ddpm_pretrained", ConditionDDPM, args.pretrained_ckpt)]
-        for spec in args.model:
-            key, sep, path = spec.partition("=")
-            if not (sep and key and path):
-                raise ValueError(f"--model {spec!r}: expected KEY=PATH")
-            if key in {k for k, _, p in named if p}:
-                raise ValueError(f"--model {spec!r}: the model key {key!r} is already given")
-            named.append((key, ConditionDDPM, path))
-        for key, cls, path in named:
-            if path:
-                models[key] = load_checkpoint(cls, path, allow_targets=allow)
-    except (FileNotFoundError, ValueError) as err:  # ConfigError and CheckpointError are ValueErrors
-        raise SystemExit(f"evaluate.py: {err}") from err
+    device = checked_device(args.device, "--device")
+    cfg = load_config(args.config, args.overrides)
+    check_run_config(cfg)
+    if cfg.get("evaluation") is None:
+        raise ValueError(f"{args.config}: the config has no evaluation section (levels and methods to score)")
+    check_evaluation_ready(cfg.evaluation)
+    allow = cfg.get("allow_targets")
+    named = [("ddpm", ConditionDDPM, args.ckpt), ("unet", SupervisedUNet, args.unet_ckpt),
+             ("ddpm_pretrained", ConditionDDPM, args.pretrained_ckpt)]
+    for spec in args.model:
+        key, sep, path = spec.partition("=")
+        if not (sep and key and path):
+            raise ValueError(f"--model {spec!r}: expected KEY=PATH")
+        if key in {k for k, _, p in named if p}:
+            raise ValueError(f"--model {spec!r}: the model key {key!r} is already given")
+        named.append((key, ConditionDDPM, path))
     out_dir = Path(args.out) if args.out else Path("outputs") / "evaluation" / Path(args.config).stem
-    result = run_evaluation(cfg, models, out_dir=out_dir, device=args.device)
+    check_writable_folder(out_dir, "--out")
+    replaced = {"pretrained_ddpm": args.pretrained_ckpt, "unet_ckpt": args.unet_ckpt}  # the flags win
+    models = pretrained_models({k: v for k, v in cfg.evaluation.items() if not replaced.get(k)}, allow_targets=allow)
+    for key, cls, path in named:
+        if path:
+            models[key] = load_checkpoint(cls, path, allow_targets=allow)
+    result = run_evaluation(cfg, models, out_dir=out_dir, device=device)
     print(f"scores:      {result['scores_csv']}")
     print(f"table:       {result['results_md']}")
     print(f"plot:        {result['plot_png']}")

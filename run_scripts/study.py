@@ -8,6 +8,8 @@ NFE, K and guidance scale on every noise type (same-subject test slabs and the u
 test volumes), compares each per slice with the references (mean difference, 95 %
 bootstrap interval, Wilcoxon p) and writes study.md, comparisons.csv, per-noise-type
 scores.csv and the figures into --out. See orchestration/study.py for the config keys.
+A refused input (study config, a --device this machine lacks, an --out that cannot be
+written) is one line on stderr naming it and exit status 2, before any model is trained.
 """
 from __future__ import annotations
 
@@ -32,15 +34,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from orchestration.cli import user_error_boundary
+
+    return user_error_boundary("study.py", lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> dict:
+    from orchestration.cli import check_writable_folder, checked_device
     from orchestration.study import load_study_config, run_study
 
-    try:
-        study = load_study_config(args.config, args.overrides)
-    except (FileNotFoundError, ValueError) as err:
-        raise SystemExit(f"study.py: {err}") from err
-    out_dir = Path(args.out) if args.out else Path("outputs") / "study" / Path(args.config).stem
+    device = checked_device(args.device, "--device")
+    study = load_study_config(args.config, args.overrides)
+    out_dir = check_writable_folder(Path(args.out) if args.out else Path("outputs") / "study" / Path(args.config).stem,
+                                    "--out")
     start = time.time()
-    paths = run_study(study, out_dir, device=args.device)
+    paths = run_study(study, out_dir, device=device)
     print(f"study finished in {time.time() - start:.0f} s")
     for key, path in paths.items():
         print(f"{key + ':':<20}{path}")

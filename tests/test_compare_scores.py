@@ -64,3 +64,68 @@ def test_refusals(tmp_path):
         script.main(["--scores", str(tmp_path / "bad.csv"), "--reference", "ref"])
     with pytest.raises(SystemExit, match="unknown score 'psnrr'"):
         script.main(["--scores", str(a), "--reference", "ref", "--score", "psnrr"])
+
+
+def refused(script, argv, capsys) -> str:
+    """The one stderr line of a refusal (exit status 2)."""
+    with pytest.raises(SystemExit) as info:
+        script.main(argv)
+    assert info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("compare_scores.py: "), lines
+    return lines[0]
+
+
+def test_an_infinite_score_is_refused_with_its_rows(tmp_path, capsys):
+    """PSNR inf (a prediction identical to the clean slice) used to drop the slice silently."""
+    script = load_script("compare_scores.py")
+    rows = scores(0.5, 0)
+    rows[3]["psnr_masked"] = float("inf")  # 'new' on same-subject slice 0 at sigma 0.2 (file line 5)
+    path = write_scores(tmp_path / "a.csv", rows)
+    line = refused(script, ["--scores", str(path), "--reference", "ref"], capsys)
+    assert "1 row(s) with an infinite psnr_masked" in line
+    assert f"{path}:5 (new, vsame-subject slice 0, sigma 0.2)" in line
+    # the row of a method left out of the comparison does not matter
+    assert "| 0.1 | ref | 6 |" in script.main(["--scores", str(path), "--reference", "ref", "--methods", "ref"])
+
+
+def test_duplicated_rows_are_refused_naming_both_lines(tmp_path, capsys):
+    script = load_script("compare_scores.py")
+    rows = scores(0.5, 0)
+    path = write_scores(tmp_path / "a.csv", rows + [dict(rows[1], psnr_masked=99.0)])
+    line = refused(script, ["--scores", str(path), "--reference", "ref"], capsys)
+    last = len(rows) + 2
+    assert "1 duplicated row(s)" in line and f"{path}:3 = {path}:{last} (new, vsame-subject slice 0, sigma 0.1)" in line
+    # two files under one tag, or one file twice
+    b, c = write_scores(tmp_path / "b.csv", rows), write_scores(tmp_path / "c.csv", rows)
+    line = refused(script, ["--scores", f"s={b}", f"s={c}", "--reference", "ref"], capsys)
+    assert f"{len(rows)} duplicated row(s)" in line and f"{b}:2 = {c}:2 (ref, vsame-subject slice 0, sigma 0.1)" in line
+    assert f"{b} is given twice" in refused(script, ["--scores", f"s0={b}", f"s1={b}", "--reference", "ref"], capsys)
+
+
+def test_a_row_without_sigma_is_refused_naming_it(tmp_path, capsys):
+    script = load_script("compare_scores.py")
+    for bad in ("", "nan"):
+        rows = scores(0.5, 0)
+        rows[2]["sigma"] = bad
+        path = write_scores(tmp_path / "a.csv", rows)
+        line = refused(script, ["--scores", str(path), "--reference", "ref"], capsys)
+        assert f"1 row(s) without a numeric sigma or slice_index: {path}:4 (ref, vsame-subject)" in line
+
+
+def test_other_refusals_exit_2_and_nan_scores_are_counted(tmp_path, capsys):
+    script = load_script("compare_scores.py")
+    rows = scores(0.5, 0)
+    path = write_scores(tmp_path / "a.csv", rows)
+    assert "--score: unknown score 'psnrr'" in refused(script, ["--scores", str(path), "--reference", "ref",
+                                                                "--score", "psnrr"], capsys)
+    assert "lacks the column(s) ['ssim']" in refused(script, ["--scores", str(path), "--reference", "ref",
+                                                             "--score", "ssim"], capsys)
+    (tmp_path / "file").write_text("")
+    assert "--out " in refused(script, ["--scores", str(path), "--reference", "ref",
+                                        "--out", str(tmp_path / "file" / "t.md")], capsys)
+    rows[1]["psnr_masked"] = ""  # not defined for that row: the slice is left out, and the table says so
+    text = script.main(["--scores", str(write_scores(tmp_path / "n.csv", rows)), "--reference", "ref"])
+    same = text.split("### same-subject")[1].split("### unseen")[0]
+    assert "1 slice(s) left out where a compared method has no psnr_masked" in same
+    assert "| 0.1 | new | 5 |" in same and "| 0.2 | new | 6 |" in same

@@ -1,5 +1,7 @@
 """ImageMetrics against scikit-image and hand-computed cases; body_mask."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -149,3 +151,11 @@ def test_body_mask_largest_component_with_holes_filled():
     assert not body_mask(np.zeros((16, 16))).any()
     with pytest.raises(ValueError, match="one \\(H,W\\) slice"):
         body_mask(np.zeros((2, 16, 16)))
+
+
+@pytest.mark.parametrize("shape", [(0, 10, 10), (0, 1, 10, 10), (2, 0, 10)])
+def test_an_empty_batch_raises_naming_its_shape(metrics, shape):
+    """No image to score: a ValueError with the shape, not a NaN mean (issue 16)."""
+    for gt in (np.zeros(shape), torch.zeros(shape)):
+        with pytest.raises(ValueError, match=r"empty batch: gt and pred of shape " + re.escape(str(shape))):
+            metrics.image_scores(gt, gt)

@@ -219,9 +219,10 @@ def test_resume_continues_from_the_checkpoint(main_job):
     resumed = sorted((main_job["tmp"] / "runs").glob("resumed-*"))[-1] / "checkpoints" / "last.ckpt"
     state = torch.load(resumed, map_location="cpu", weights_only=False)
     assert state["global_step"] == 5 and int(state["state_dict"]["ema_updates"]) == 5
-    with pytest.raises(FileNotFoundError, match="no_such.ckpt"):
+    with pytest.raises(SystemExit, match="checkpoint to resume not found: .*no_such.ckpt") as info:
         script.main(["--config", str(main_job["config"]), "--resume", str(main_job["tmp"] / "no_such.ckpt"),
                      *overrides])
+    assert info.value.code == 2
     assert len(list((main_job["tmp"] / "runs").glob("resumed-*"))) == 1  # the failed call made no run folder
 
 
@@ -264,7 +265,8 @@ def test_exported_checkpoints_load_and_denoise_like_the_trained_models(main_job,
 def test_missing_shipped_checkpoint_fails_before_training(main_job):
     script = load_script("dm4mi_conditional_missing", "dm4mi-conditional.py")
     overrides = [o for o in main_job["overrides"] if not o.startswith(("evaluation.pretrained_ddpm", "logging.name"))]
-    with pytest.raises(FileNotFoundError, match="missing_model.ckpt"):
+    with pytest.raises(SystemExit, match="missing_model.ckpt") as info:
         script.main(["--config", str(main_job["config"]), *overrides, "logging.name=missing",
                      f"evaluation.pretrained_ddpm={main_job['tmp'] / 'missing_model.ckpt'}"])
+    assert info.value.code == 2
     assert not list((main_job["tmp"] / "runs").glob("missing-*"))
