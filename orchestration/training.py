@@ -147,6 +147,17 @@ def check_resume_checkpoint(model, ckpt: dict, path: str | Path) -> None:
                               f"{'; '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''})")
 
 
+def _instantiate(node, section: str, allow):
+    """``instantiate_from_configs``; a value its target's constructor refuses (a ValueError
+    that does not name its key yet) is a ConfigError prefixed with ``<section>.params``."""
+    try:
+        return instantiate_from_configs(node, section, allow_targets=allow)
+    except ValueError as err:
+        if str(err).startswith(f"{section}."):
+            raise
+        raise ConfigError(f"{section}.params: {err}") from err
+
+
 def build_run(cfg: DictConfig, resume: str | Path | None = None, ckpt: dict | None = None):
     """The (model, datamodule) ``train`` fits, built from the config's targets (checked
     against the allowlist first) after seeding with ``seed``: the model starts from
@@ -158,10 +169,10 @@ def build_run(cfg: DictConfig, resume: str | Path | None = None, ckpt: dict | No
     validate_target_config(cfg.data, "data", allow_targets=allow)
     seed = int(cfg.get("seed", 0))
     pl.seed_everything(seed, workers=True)
-    datamodule = instantiate_from_configs(cfg.data, "data", allow_targets=allow)
+    datamodule = _instantiate(cfg.data, "data", allow)
     if hasattr(datamodule, "train_seed"):  # training order, noise and augmentation follow `seed`
         datamodule.train_seed = seed
-    model = instantiate_from_configs(cfg.model, "model", allow_targets=allow)
+    model = _instantiate(cfg.model, "model", allow)
     if resume:
         check_resume_checkpoint(model, ckpt if ckpt is not None else read_checkpoint(resume, resume), resume)
     elif cfg.get("init_from"):
