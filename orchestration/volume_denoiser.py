@@ -8,10 +8,25 @@ are cut in the plane asked for (default the acquisition plane), scaled to [0,1] 
 training data (utils.intensity), denoised in batches from the matched start and mapped back.
 Slices larger than ``tile`` pixels are cut into overlapping tiles whose outputs are blended
 with linear ramps, so no seam shows.
+
+Only the intensity window (CT -1024..3071 HU, MR the foreground's 0.5-99.5 percentiles) is
+denoised: the output is the input + w (denoised - input), w = ``window_weight`` of the
+input on the window's [0,1] scale: 1 inside the window and up to 2 sigma outside it (noise
+moves a voxel of the window that far out; Gaussian noise beyond 2 sigma 2.3 % of the
+time), falling linearly to 0 at 4 sigma outside (EDGE_BAND_SIGMAS), so the output has no
+step, and 0 beyond, where the input is kept exactly; MR voxels exactly 0 (zero-filled
+background) are kept too. The model sees such kept voxels clipped to the window, as its
+training data were (a far-out value, e.g. MR background at -0.6, would disturb the
+tissue around it). A sigma below ``negligible_sigma`` of the model (no measurable noise) or an
+MR volume of one intensity is no noise: the input is written unchanged.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +34,19 @@ import torch
 from tqdm import tqdm
 
 from models.ddpm_conditioned import ConditionDDPM
-from diffusion_modules.diffusion_utils.noise_level import estimate_noise_sigma
+from orchestration.cli import check_writable_folder
+from diffusion_modules.diffusion_utils.noise_level import estimate_noise_sigma, negligible_sigma
 from utils.atomic import atomic_write
 from utils.dicom_writer import check_output_folder, check_writable, write_dicom_series
-from utils.intensity import check_modality, normalize, to_physical
+from utils.intensity import MODALITIES, check_modality, intensity_window, modality_from_intensities, \
+    to_physical, window_weight
 from utils.planes import ACQUISITION, PLANE_AXES, PLANES, acquisition_plane, cut_plane
 from utils.volume_io import from_ras_array, ras_array, read_dicom_series, read_image
+
+
+#: outside the intensity window, in units of the noise sigma: fully denoised up to the
+#: first, passed through from the second, linear in between
+EDGE_BAND_SIGMAS = (2.0, 4.0)
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -96,6 +118,86 @@ def _write_like(reference, ras_values: np.ndarray, path: Path) -> Path:
     return atomic_write(path, lambda tmp: nib.save(out, tmp))
 
 
+def check_settings(sigma="auto", steps: int = 10, n_samples: int = 1, eta: float = 0.0, batch_size: int = 8,
+                   tile: int = 256, overlap: int = 32) -> None:
+    """Refuse bad sampling settings before anything is read; the messages name the flags."""
+    def integer(value) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+    for flag, value in (("--steps", steps), ("--samples", n_samples), ("--batch-size", batch_size)):
+        if not integer(value) or value < 1:
+            raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+    if not integer(overlap) or overlap < 0:
+        raise ValueError(f"--overlap must be an integer >= 0, got {overlap!r}")
+    if not integer(tile) or tile < 8 or tile <= 2 * overlap:
+        raise ValueError(f"--tile must be an integer >= 8 and larger than twice --overlap ({overlap}), got {tile!r}")
+    if not (isinstance(eta, numbers.Real) and 0.0 <= eta <= 1.0):
+        raise ValueError(f"--eta must lie in [0, 1], got {eta!r}")
+    if sigma != "auto" and not (isinstance(sigma, numbers.Real) and math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"--sigma must be 'auto' or a finite number >= 0 on the [0, 1] scale, got {sigma!r}")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)  # a hard link or another mount
+    except OSError:
+        return False
+
+
+def check_output_paths(input_path, output_path, std_path=None, output_dicom=None) -> None:
+    """Refuse, before any work, outputs that would destroy the input or each other or could
+    not be written: a NIfTI output must end in .nii/.nii.gz and not be a folder; no output may
+    be the input (compared resolved, and as the same file) or lie inside a DICOM input folder,
+    no two outputs may be the same path, and no NIfTI output may lie inside the DICOM output
+    folder; each output's folder must be writable (``orchestration.cli.check_writable_folder``:
+    a missing one is fine where it can be made; the writers make it). The DICOM output folder is checked by ``check_dicom_output``."""
+    src = Path(input_path)
+    if not src.exists():
+        raise FileNotFoundError(f"input path does not exist: {src}")
+    if output_dicom is not None:
+        check_dicom_output(src, output_dicom)  # the DICOM folder against the input
+    named = [(flag, Path(path)) for flag, path in (("--output", output_path), ("--std", std_path),
+                                                   ("--output-dicom", output_dicom)) if path is not None]
+    for i, (flag, path) in enumerate(named):
+        if flag != "--output-dicom":
+            if not path.name.endswith((".nii", ".nii.gz")):
+                raise ValueError(f"{flag} {path} must end in .nii or .nii.gz")
+            if path.is_dir():
+                raise ValueError(f"{flag} {path} is a folder: give a .nii or .nii.gz file name")
+        if flag != "--output-dicom" and _same_path(path, src):
+            raise ValueError(f"{flag} {path} is the input {src}: it would overwrite the scan, choose another path")
+        if flag != "--output-dicom" and src.is_dir() and src.resolve() in path.resolve().parents:
+            raise ValueError(f"{flag} {path} lies inside the input DICOM folder {src}: choose another path")
+        for other_flag, other in named[:i]:
+            if _same_path(path, other):
+                raise ValueError(f"{flag} {path} is the same path as {other_flag} {other}: one would replace "
+                                 "the other, give two paths")
+            if other_flag == "--output-dicom" or flag == "--output-dicom":
+                folder, inner = (other, path) if other_flag == "--output-dicom" else (path, other)
+                if folder.resolve() in inner.resolve().parents:
+                    raise ValueError(f"{inner} lies inside the --output-dicom folder {folder}, which must stay "
+                                     "new or empty: choose another path")
+        check_writable_folder(path.resolve().parent, flag)  # probed with a file; folders made for it removed
+
+
+def resolve_modality(modality: str | None, found: str | None, ras: np.ndarray) -> tuple[str, str]:
+    """(modality, where it came from): the one given (``--modality``), else the DICOM
+    Modality tag, else inferred from the intensities (``modality_from_intensities``)."""
+    if modality:
+        return check_modality(modality), "given with --modality"
+    if found:
+        if found.lower() not in MODALITIES:
+            raise ValueError(f"the DICOM Modality tag is {found!r}, not CT or MR: give --modality ct or --modality mr "
+                             "to denoise it anyway")
+        return found.lower(), "the DICOM Modality tag"
+    inferred, why = modality_from_intensities(ras)
+    if inferred is None:
+        raise ValueError(f"cannot tell CT from MR ({why}): give --modality ct or --modality mr")
+    return inferred, f"inferred: {why}"
+
+
 def check_dicom_output(input_path, output_dicom) -> None:
     """Refuse a DICOM series output before any work: the input must be a DICOM series
     folder, the output folder new or empty and not inside the input folder."""
@@ -120,52 +222,78 @@ def denoise_volume(model: ConditionDDPM, input_path, output_path, *, std_path=No
     empty folder, one file per input slice (see ``utils.dicom_writer``).
 
     sigma: the noise std on the [0,1] scale of the training data, or "auto" to estimate it.
-    Returns what was done: sigma ([0,1] and input units), t*, plane, slices, output paths, seconds.
+    modality: "ct" | "mr"; None: the DICOM Modality tag, else inferred from the intensities.
+    Returns what was done: modality and ``modality_source`` (how it was chosen), sigma ([0,1]
+    and input units), t* (None when nothing was denoised), plane, slices, the intensity
+    ``window`` (low, high), ``unchanged`` (None, or why the input was written unchanged),
+    output paths, seconds.
     """
     start = time.time()
-    for path in (output_path, std_path):  # checked before any work, so no output is left half done
-        if path is not None and not Path(path).name.endswith((".nii", ".nii.gz")):
-            raise ValueError(f"output {path} must end in .nii or .nii.gz")
-    if output_dicom is not None:
-        check_dicom_output(input_path, output_dicom)
+    check_settings(sigma, steps, n_samples, eta, batch_size, tile, overlap)  # before any work, so no
+    check_output_paths(input_path, output_path, std_path, output_dicom)     # output is left half done
     if not isinstance(model, ConditionDDPM):
-        raise TypeError(f"the checkpoint holds a {type(model).__name__}, not a ConditionDDPM")
+        raise ValueError(f"the checkpoint holds a {type(model).__name__}, not a ConditionDDPM")
+    if plane != ACQUISITION and plane not in PLANES:
+        raise ValueError(f"plane {plane!r} unknown: expected one of {PLANES} or '{ACQUISITION}'")
     if output_dicom is None:
         img, found = read_image(input_path)
     else:
         img, found, files = read_dicom_series(Path(input_path))
         check_writable(files)
-    modality = check_modality(modality or found or "")
     ras, zooms = ras_array(img, input_path)
+    modality, modality_source = resolve_modality(modality, found, ras)
     plane = acquisition_plane(zooms) if plane == ACQUISITION else plane
-    if plane not in PLANES:
-        raise ValueError(f"plane {plane!r} unknown: expected one of {PLANES} or '{ACQUISITION}'")
-    _, norm = normalize(ras, modality)
-    # the model saw noisy inputs that were not clipped to [0,1]: scale without clipping
-    ras01 = (ras - np.float32(norm["low"])) / np.float32(norm["high"] - norm["low"])
-    slices01 = np.ascontiguousarray(cut_plane(ras01, zooms, plane)[0], dtype=np.float32)
-    if sigma == "auto":
-        sigma = estimate_noise_sigma(slices01, foreground=modality == "mr")  # MR magnitude: Rician
-    sigma = float(sigma)
-    if not np.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma must be 'auto' or a finite number >= 0 on the [0, 1] scale, got {sigma}")
-    t_star = model.start_timestep("auto", sigma)
-    info = {"modality": modality, "plane": plane, "slices": int(slices01.shape[0]), "sigma01": sigma,
-            "sigma_units": sigma * (norm["high"] - norm["low"]), "t_star": t_star}
-    generator = torch.Generator(device=model.device).manual_seed(int(seed))
-    mean01, std01 = denoise_slices(model, slices01, sigma, steps=steps, n_samples=n_samples, eta=eta,
-                                   batch_size=batch_size, tile=tile, overlap=overlap, generator=generator,
-                                   progress=progress)
-    mean = to_physical(_uncut_plane(mean01, plane), norm)
-    info["output"] = _write_like(img, mean, Path(output_path))
+    low, high = intensity_window(ras, modality)
+    info = {"modality": modality, "modality_source": modality_source, "plane": plane,
+            "slices": int(ras.shape[PLANE_AXES[plane][0]]), "window": (low, high), "t_star": None,
+            "sigma01": 0.0 if sigma == "auto" else float(sigma), "sigma_units": 0.0, "unchanged": None}
+    out, std_units = ras, None
+    if not high > low:
+        info["unchanged"] = (f"no noise to remove: the {modality} intensity window is empty (one foreground "
+                             f"intensity, {low:g})")
+    else:
+        # the model saw noisy inputs that were not clipped to [0,1]: scale without clipping
+        ras01 = (ras - np.float32(low)) / np.float32(high - low)
+        slices01 = np.ascontiguousarray(cut_plane(ras01, zooms, plane)[0], dtype=np.float32)
+        if sigma == "auto":
+            sigma = estimate_noise_sigma(slices01, foreground=modality == "mr")  # MR magnitude: Rician
+        sigma, floor = float(sigma), negligible_sigma(model.diffusion)
+        info.update(sigma01=sigma, sigma_units=sigma * (high - low))
+        if sigma < floor:
+            info["unchanged"] = (f"no noise to remove: sigma {sigma:.3g} is below {floor:.3g}, half the noise of "
+                                 "the model's smallest timestep (none measurable)")
+        else:
+            info["t_star"] = t_star = model.start_timestep("auto", sigma)
+            weight = window_weight(ras01, EDGE_BAND_SIGMAS[0] * sigma, EDGE_BAND_SIGMAS[1] * sigma)
+            if modality == "mr":
+                weight[ras == 0] = 0.0  # zero-filled background: no signal to denoise
+            kept = weight == 0
+            if kept.any():  # the model's input: kept voxels clipped to the window, like its training data
+                model01 = np.where(kept, np.clip(ras01, 0.0, 1.0), ras01)
+                slices01 = np.ascontiguousarray(cut_plane(model01, zooms, plane)[0], dtype=np.float32)
+                del model01
+            generator = torch.Generator(device=model.device).manual_seed(int(seed))
+            mean01, std01 = denoise_slices(model, slices01, sigma, steps=steps, n_samples=n_samples, eta=eta,
+                                           batch_size=batch_size, tile=tile, overlap=overlap,
+                                           generator=generator, progress=progress)
+            del slices01
+            mean = to_physical(_uncut_plane(mean01, plane), {"low": low, "high": high})
+            out = np.where(weight == 1, mean, np.where(weight == 0, ras, ras + weight * (mean - ras)))
+            std_units = _uncut_plane(std01, plane) * np.float32(high - low) * weight
+    if info["unchanged"]:
+        warnings.warn(f"{info['unchanged']}; the input is written unchanged")
+    info["output"] = _write_like(img, out, Path(output_path))
     if std_path is not None:
-        std_units = _uncut_plane(std01, plane) * np.float32(norm["high"] - norm["low"])
-        info["std"] = _write_like(img, std_units, Path(std_path))
-    if output_dicom is not None:
+        info["std"] = _write_like(img, np.zeros_like(ras) if std_units is None else std_units, Path(std_path))
+    if output_dicom is not None and info["unchanged"]:
+        derivation = f"not denoised by CDM4MI (no matched start, t*=None), pixels copied: {info['unchanged']}"
+        info["output_dicom"] = write_dicom_series(output_dicom, from_ras_array(img, out), files, Path(input_path),
+                                                  derivation)
+    elif output_dicom is not None:
         derivation = (f"denoised by CDM4MI (conditional diffusion model, DDIM from the matched start "
                       f"t*={t_star}): sigma {sigma:.4g} on the [0,1] scale, {min(steps, t_star + 1)} steps, "
                       f"{n_samples} sample(s), eta {eta}, {plane} slices")
-        info["output_dicom"] = write_dicom_series(output_dicom, from_ras_array(img, mean), files, Path(input_path),
+        info["output_dicom"] = write_dicom_series(output_dicom, from_ras_array(img, out), files, Path(input_path),
                                                   derivation)
     info["seconds"] = time.time() - start
     return info

@@ -14,7 +14,11 @@ new or empty folder): one file per input slice, new series and instance UIDs, th
 geometry and stored pixel representation.
 --sigma is the noise std on the [0,1] scale the model was trained on (CT: HU -1024..3071,
 MR: its foreground percentile window); "auto" estimates it from the scan and prints it in
-the input's units too.
+the input's units too. Intensities outside that window are passed through unchanged; with
+no measurable noise (sigma below half the noise of the model's smallest timestep) the whole
+input is. --modality defaults to the DICOM Modality tag, else to what the intensities show
+(air near -1000 HU: CT; no negative values: MR).
+User errors (a bad flag or path) are one line on stderr and exit status 2.
 """
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.ddpm_conditioned import ConditionDDPM  # noqa: E402
 from orchestration.checkpoints import load_checkpoint  # noqa: E402
-from orchestration.volume_denoiser import check_dicom_output, denoise_volume  # noqa: E402
+from orchestration.cli import checked_device, user_error_boundary  # noqa: E402
+from orchestration.volume_denoiser import check_output_paths, check_settings, denoise_volume  # noqa: E402
 from utils.planes import ACQUISITION, PLANES  # noqa: E402
 
 
@@ -40,6 +45,10 @@ def sigma_arg(value: str):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    return user_error_boundary("denoise.py", lambda: run(argv))
+
+
+def run(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="ConditionDDPM checkpoint")
     parser.add_argument("--input", required=True, help="NIfTI file (.nii, .nii.gz) or DICOM series folder")
@@ -52,7 +61,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=1, help="posterior samples averaged per slice")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta in [0, 1]; > 0 for --samples > 1")
     parser.add_argument("--plane", default=ACQUISITION, choices=(ACQUISITION, *PLANES))
-    parser.add_argument("--modality", choices=("ct", "mr"), help="default: the DICOM Modality tag")
+    parser.add_argument("--modality", choices=("ct", "mr"),
+                        help="default: the DICOM Modality tag, else inferred from the intensities")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
     parser.add_argument("--batch-size", type=int, default=8, help="tiles per network batch")
     parser.add_argument("--tile", type=int, default=256, help="largest tile side in pixels")
@@ -61,19 +71,24 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.std and args.samples < 2:
         parser.error("--std needs --samples >= 2 (and --eta > 0): one sample has no spread")
-    try:
-        if args.output_dicom:
-            check_dicom_output(args.input, args.output_dicom)  # before the checkpoint is read
-        model = load_checkpoint(ConditionDDPM, args.ckpt, map_location=args.device)
-        info = denoise_volume(model, args.input, args.output, std_path=args.std, output_dicom=args.output_dicom,
-                              modality=args.modality, sigma=args.sigma, steps=args.steps, n_samples=args.samples,
-                              eta=args.eta, plane=args.plane, batch_size=args.batch_size, tile=args.tile,
-                              overlap=args.overlap, seed=args.seed)
-    except (FileNotFoundError, ValueError, TypeError) as err:
-        raise SystemExit(f"denoise.py: {err}") from err
+    # every flag and path is checked before the checkpoint is read
+    check_settings(args.sigma, args.steps, args.samples, args.eta, args.batch_size, args.tile, args.overlap)
+    device = checked_device(args.device, "--device")
+    check_output_paths(args.input, args.output, args.std, args.output_dicom)
+    model = load_checkpoint(ConditionDDPM, args.ckpt, map_location=device)
+    info = denoise_volume(model, args.input, args.output, std_path=args.std, output_dicom=args.output_dicom,
+                          modality=args.modality, sigma=args.sigma, steps=args.steps, n_samples=args.samples,
+                          eta=args.eta, plane=args.plane, batch_size=args.batch_size, tile=args.tile,
+                          overlap=args.overlap, seed=args.seed)
     unit = "HU" if info["modality"] == "ct" else "scanner units"
+    low, high = info["window"]
+    print(f"modality: {info['modality']} ({info['modality_source']}); intensity window {low:.4g} .. {high:.4g} "
+          f"{unit} (denoised; values outside it are passed through)")
     print(f"noise sigma: {info['sigma01']:.4g} on the [0,1] scale = {info['sigma_units']:.4g} {unit}"
-          f" ({'estimated' if args.sigma == 'auto' else 'given'}); matched start t* = {info['t_star']}")
+          f" ({'estimated' if args.sigma == 'auto' else 'given'})"
+          + (f"; matched start t* = {info['t_star']}" if info["t_star"] is not None else ""))
+    if info["unchanged"]:
+        print(f"not denoised: {info['unchanged']}; the input is written unchanged")
     print(f"{info['slices']} {info['plane']} slices in {info['seconds']:.1f} s; wrote {info['output']}")
     if info.get("std"):
         print(f"std map: {info['std']}")

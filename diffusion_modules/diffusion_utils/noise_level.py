@@ -10,6 +10,9 @@ with a std of only 0.655 sigma, so the whole-slice estimate comes out low (by 9-
 the bundled volumes, docs/RESULTS.md). With ``foreground=True`` only the coefficients
 whose local mean (the approximation coefficient / 2) exceeds 4 times the whole-slice
 estimate count, where Rician noise is close to Gaussian with std sigma.
+
+A sigma below :func:`negligible_sigma` (half the noise level of a model's smallest
+timestep) is no measurable noise for that model: ``denoise.py`` treats it as 0.
 """
 from __future__ import annotations
 
@@ -19,6 +22,16 @@ import numpy as np
 MAD_TO_STD = 0.6744897501960817
 #: fewest foreground coefficients for the foreground estimate; fewer: whole slice
 MIN_FOREGROUND = 64
+#: sigma below this fraction of the noise level of a model's smallest timestep counts as 0
+NEGLIGIBLE_FRACTION = 0.5
+
+
+def negligible_sigma(diffusion) -> float:
+    """The sigma ([0,1] scale) below which a model has no measurable noise to remove:
+    NEGLIGIBLE_FRACTION of the noise of its smallest timestep t=0, sqrt((1 - a_bar_0) / a_bar_0)
+    in model units ([-1, 1], twice the [0,1] scale). ``diffusion``: the model's GaussianDiffusion
+    (anything with ``sqrt_recipm1_alphas_cumprod``). Shipped model: 0.5 * 0.0100 / 2 = 0.0025."""
+    return NEGLIGIBLE_FRACTION * float(diffusion.sqrt_recipm1_alphas_cumprod[0]) / 2.0
 
 
 def wavelet_sigma(image01: np.ndarray, foreground: bool = False) -> float:
