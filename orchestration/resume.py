@@ -18,7 +18,11 @@ shuffle). Here:
 - ``AtomicCheckpointIO`` (a CheckpointIO plugin for the Trainer) writes each checkpoint
   (periodic ``last.ckpt``, ``trainer.save_checkpoint``) to a temporary file in the same
   folder and renames it into place (utils.atomic), so a process killed at any moment leaves
-  the previous checkpoint loadable.
+  the previous checkpoint loadable. It reads every checkpoint with
+  ``torch.load(weights_only=True)`` (whatever Lightning asks, or TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD
+  says), and refuses one whose model hyper-parameters differ from the module being trained in
+  what the weights depend on (``orchestration.checkpoints.check_resume_hparams``: timesteps,
+  beta schedule, parameterization, UNet config...), before any state is restored.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
+from orchestration.checkpoints import check_resume_hparams
 from utils.atomic import atomic_write
 
 #: checkpoint key of the random generator states
@@ -71,6 +76,17 @@ class ExactResume(pl.Callback):
         self._pending: dict | None = None
         self._outside_validation: dict | None = None
 
+    def setup(self, trainer, pl_module, stage):
+        # Lightning restores a checkpoint after this hook: the checkpoint IO then checks it against the module
+        io = getattr(trainer.strategy, "checkpoint_io", None)
+        if isinstance(io, AtomicCheckpointIO):
+            io.module = pl_module
+
+    def teardown(self, trainer, pl_module, stage):
+        io = getattr(trainer.strategy, "checkpoint_io", None)
+        if isinstance(io, AtomicCheckpointIO):
+            io.module = None
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         checkpoint[RNG_KEY] = rng_states(pl_module.device)
 
@@ -97,7 +113,20 @@ class ExactResume(pl.Callback):
 class AtomicCheckpointIO(TorchCheckpointIO):
     """TorchCheckpointIO whose local checkpoints are written to a temporary file in the
     target's folder and renamed into place (utils.atomic.atomic_write); URLs (``s3://``...)
-    go to Lightning's own writer."""
+    go to Lightning's own writer. Checkpoints are read with ``weights_only=True`` only; once
+    ExactResume has set ``module`` (the LightningModule being trained), a checkpoint whose
+    model hyper-parameters differ from its own in what the weights depend on is refused."""
+
+    module = None
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        if weights_only is False:
+            raise ValueError(f"{path}: weights_only={weights_only!r} refused; checkpoints are read with weights_only=True only")
+        kwargs = {} if map_location is None else {"map_location": map_location}
+        checkpoint = super().load_checkpoint(path, weights_only=True, **kwargs)
+        if self.module is not None:
+            check_resume_hparams(self.module, checkpoint, path)
+        return checkpoint
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if storage_options is not None or "://" in str(path):

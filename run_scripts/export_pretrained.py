@@ -2,6 +2,10 @@
 (EMA weights only for a DDPM, float16, no optimizer state).
 
     python run_scripts/export_pretrained.py runs/<run>/checkpoints/last.ckpt pretrained/cdm4mi_bundled_ct_mr.ckpt
+
+Refused with one line on stderr and exit status 2, nothing written: an output that is the
+input file, a checkpoint that torch.load(weights_only=True) cannot read, and one whose
+hyper-parameters name a target outside the project's allowlist.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from orchestration.checkpoints import export_inference_checkpoint  # noqa: E402
+from orchestration.cli import user_error_boundary  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("dst", help="where to write the inference checkpoint")
     parser.add_argument("--fp32", action="store_true", help="keep float32 (default: float16 weights)")
     args = parser.parse_args(argv)
-    dst = export_inference_checkpoint(args.src, args.dst, half=not args.fp32)
+    dst = user_error_boundary("export_pretrained.py",
+                              lambda: export_inference_checkpoint(args.src, args.dst, half=not args.fp32))
     print(f"wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
 
 

@@ -182,13 +182,14 @@ def test_allow_targets_admits_a_users_own_class_also_inside_constructors(tmp_pat
     assert _EXTRA_ALLOWED.get() == ()
     with pytest.raises(ConfigError, match=refused):
         validate_target_config(cfg, "model")
-    # so its checkpoint is refused unless the loader allows the package too
+    # a checkpoint's hyper-parameters get the default list only: a run config's allow_targets
+    # does not reach them (tests/test_security_checkpoint_targets.py)
     ckpt = tmp_path / "user.ckpt"
     torch.save(lightning_dict(model), ckpt)
-    with pytest.raises(ConfigError, match=rf"{re.escape(str(ckpt))}: hyper_parameters\.unet_rosinality_config\.target"):
-        load_checkpoint(ConditionDDPM, ckpt)
-    loaded = load_checkpoint(ConditionDDPM, ckpt, allow_targets=[name])
-    assert type(loaded.unet).__name__ == "MyUNet"
+    for allow in (None, [name]):
+        with pytest.raises(ConfigError, match=rf"{re.escape(str(ckpt))}: hyper_parameters\.unet_rosinality_config\."
+                                              r"target: .* allow_targets does not reach them"):
+            load_checkpoint(ConditionDDPM, ckpt, allow_targets=allow)
 
 
 def test_allow_targets_in_a_run_config(tmp_path, monkeypatch):
@@ -298,13 +299,15 @@ def evil_pickle(request, tiny_ckpt, tmp_path):
     return path, marker
 
 
-def test_export_refuses_a_malicious_pickle(evil_pickle, tmp_path):
+def test_export_refuses_a_malicious_pickle(evil_pickle, tmp_path, capsys):
     path, marker = evil_pickle
     dst = tmp_path / "out.ckpt"
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: cannot be read .*weights_only=True.*GLOBAL"):
         export_inference_checkpoint(path, dst)
-    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: "):
+    with pytest.raises(SystemExit) as exit_info:  # the script: one line on stderr, exit status 2
         load_script("export_pretrained").main([str(path), str(dst)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"export_pretrained.py: {path}: cannot be read")
     with pytest.raises(CheckpointError, match=rf"^{re.escape(str(path))}: "):
         load_checkpoint(ConditionDDPM, path)
     assert not marker.exists() and not dst.exists()

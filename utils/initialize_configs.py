@@ -5,19 +5,19 @@ Nested nodes that themselves carry a ``target`` (the UNet inside the model) are 
 the same way before anything is built, so a typo anywhere is reported with its full
 config path, e.g. ``model.params.unet_rosinality_config.params.chanel``.
 
-Targets are allow-listed, because a config (or the hyper-parameters of a checkpoint,
-which hold the UNet config) must not be able to run arbitrary code such as
-``{target: os.system, params: {command: ...}}``. The target *string* is checked before
-anything is imported; by default only classes are allowed, under this project's packages
-(``utils``, ``diffusion_modules``, ``models``, ``metrics``, ``orchestration``), or under
-``torch`` / ``lightning`` / ``pytorch_lightning`` when they subclass a module, optimizer,
-LR scheduler, dataset, Lightning callback, data module or LightningModule. A run config
-widens the list with a top-level ``allow_targets: [mypackage, other.module.Class]``
-(prefixes of whole dotted components; anything callable under them is allowed), passed
-as ``instantiate_from_configs(..., allow_targets=...)``. The extra prefixes hold while
-that call builds its object, so they also reach configs that constructors instantiate
-themselves (``DDPM.__init__`` builds its UNet config); a checkpoint loaded later gets
-only the default list.
+Targets are allow-listed, so that neither a config nor a checkpoint's hyper-parameters (they
+hold the UNet config) can run code such as ``{target: os.system, params: {command: ...}}``:
+the target *string* is checked before anything is imported; by default only classes are
+allowed, under this project's packages (PROJECT_PACKAGES), or under torch / lightning when
+they subclass a module, optimizer, LR scheduler, dataset or Lightning callback, data module
+or LightningModule. A run config's top-level ``allow_targets: [mypackage, other.module.Class]``
+(prefixes of whole dotted components; anything callable under them) holds while
+``instantiate_from_configs(..., allow_targets=...)`` builds its object, constructors' own
+instantiations included (``DDPM.__init__`` builds its UNet config). A checkpoint's
+hyper-parameters get the default list only, whatever the run config allows (:func:`checkpoint_targets`).
+A config reads only its own file, its ``base:`` files and the ``key=value`` overrides:
+``${other.key}`` refers to a key of the same config, but no resolver may be called
+(``${oc.env:...}`` or any ``${name:...}``). Errors about a file never quote its contents.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import contextlib
 import contextvars
 import importlib
 import inspect
+from difflib import get_close_matches
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
@@ -41,6 +42,7 @@ FRAMEWORK_PACKAGES = ("torch", "lightning", "pytorch_lightning")
 
 _EXTRA_ALLOWED: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("cdm4mi_allow_targets",
                                                                                  default=())
+_CHECKPOINT_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("cdm4mi_checkpoint_targets", default=False)
 
 
 class ConfigError(ValueError):
@@ -60,7 +62,7 @@ def normalize_allow_targets(allow_targets: Any, path: str = "allow_targets") -> 
     """``allow_targets`` of a run config as a tuple of dotted prefixes (None -> ())."""
     if allow_targets is None:
         return ()
-    allow_targets = _as_dict(allow_targets)
+    allow_targets = _as_dict(allow_targets, path)
     if isinstance(allow_targets, str):
         allow_targets = [allow_targets]
     if not isinstance(allow_targets, (list, tuple)):
@@ -84,6 +86,17 @@ def allowed_targets(extra: Any = None) -> Iterator[tuple[str, ...]]:
         _EXTRA_ALLOWED.reset(token)
 
 
+@contextlib.contextmanager
+def checkpoint_targets() -> Iterator[None]:
+    """While the block runs (a checkpoint's hyper-parameters checked or built), targets get the
+    default allowlist only: a run config's ``allow_targets`` and enclosing extras do not count."""
+    token = _CHECKPOINT_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _CHECKPOINT_ONLY.reset(token)
+
+
 def _framework_bases() -> tuple[type, ...]:
     import torch
 
@@ -102,18 +115,23 @@ def _framework_bases() -> tuple[type, ...]:
 _NOT_ALLOWED_HINT = (f"only classes under {', '.join(PROJECT_PACKAGES)} and torch / lightning modules, optimizers, "
                      "LR schedulers, datasets, callbacks and data modules may be targets; "
                      "add its package to allow_targets to permit it")
+_CHECKPOINT_HINT = "a checkpoint's hyper-parameters get the default allowlist only: allow_targets does not reach them"
+
+
+def _hint() -> str:
+    return _CHECKPOINT_HINT if _CHECKPOINT_ONLY.get() else _NOT_ALLOWED_HINT
 
 
 def _check_target_name(name: str, path: str) -> str:
     """Which rule admits the target string: "extra", "project" or "framework"; ConfigError if none.
     Nothing is imported."""
-    if _under(name, _EXTRA_ALLOWED.get()):
+    if not _CHECKPOINT_ONLY.get() and _under(name, _EXTRA_ALLOWED.get()):
         return "extra"
     if _under(name, PROJECT_PACKAGES):
         return "project"
     if _under(name, FRAMEWORK_PACKAGES):
         return "framework"
-    raise ConfigError(f"{path}: {name!r} is not an allowed target ({_NOT_ALLOWED_HINT})")
+    raise ConfigError(f"{path}: {name!r} is not an allowed target ({_hint()})")
 
 
 def _check_target_object(obj: Any, name: str, rule: str, path: str) -> None:
@@ -126,13 +144,13 @@ def _check_target_object(obj: Any, name: str, rule: str, path: str) -> None:
         return
     if not inspect.isclass(obj):
         raise ConfigError(f"{path}: {name!r} is not an allowed target: it is a {type(obj).__name__}, not a class "
-                          f"({_NOT_ALLOWED_HINT})")
+                          f"({_hint()})")
     defined_in = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
     if _under(defined_in, PROJECT_PACKAGES):
         return
     if _under(defined_in, FRAMEWORK_PACKAGES) and issubclass(obj, _framework_bases()):
         return
-    raise ConfigError(f"{path}: {name!r} (defined as {defined_in!r}) is not an allowed target ({_NOT_ALLOWED_HINT})")
+    raise ConfigError(f"{path}: {name!r} (defined as {defined_in!r}) is not an allowed target ({_hint()})")
 
 
 def get_obj_from_str(name: str, path: str = "target") -> Any:
@@ -158,8 +176,35 @@ def get_obj_from_str(name: str, path: str = "target") -> Any:
     return obj
 
 
-def _as_dict(cfg: Any) -> Any:
+def check_no_resolvers(value: Any, path: str = "") -> None:
+    """ConfigError naming the key if a string in ``value`` (a config, unresolved) calls a
+    resolver (``${oc.env:...}``, any ``${name:...}``); ``${other.key}`` is fine."""
+    from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser as Grammar
+    from omegaconf.grammar_parser import parse
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=False)
+    items = value.items() if isinstance(value, Mapping) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:  # ``path``: the key path so far, or a prefix "file: " (no dot after it)
+        sub = f"[{key}]" if isinstance(key, int) else f".{key}" if path[-1:] not in ("", " ") else str(key)
+        check_no_resolvers(item, path + sub)
+    if not (isinstance(value, str) and "${" in value):
+        return
+    try:
+        stack = [parse(value, parser_rule="configValue")]
+    except Exception:  # GrammarParseError
+        raise ConfigError(f"{path or 'config'}: malformed ${{...}} interpolation") from None
+    while stack:  # the parse tree: a resolver's name may itself be an interpolation, so no regex
+        node = stack.pop()
+        if isinstance(node, Grammar.InterpolationResolverContext):
+            raise ConfigError(f"{path or 'config'}: calls the resolver {node.resolverName().getText()!r}; a config "
+                              "may not call resolvers, only refer to its own keys with ${other.key} (docs/models.md)")
+        stack.extend(getattr(node, "children", None) or ())
+
+
+def _as_dict(cfg: Any, path: str = "config") -> Any:
     if isinstance(cfg, (DictConfig, ListConfig)):
+        check_no_resolvers(cfg, path)
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
 
@@ -233,7 +278,7 @@ def validate_target_config(cfg: Any, path: str = "config", allow_targets: Any = 
     ``target``, an unknown import, an unknown parameter or a missing required parameter.
     """
     with allowed_targets(allow_targets):
-        cfg = _as_dict(cfg)
+        cfg = _as_dict(cfg, path)
         if isinstance(cfg, Mapping):
             _check_all_target_names(cfg, path)
         _validate_node(cfg, path)
@@ -271,7 +316,7 @@ def validate_all_targets(value: Any, path: str = "config", allow_targets: Any = 
     """:func:`validate_target_config` on every ``target`` node anywhere inside ``value``
     (e.g. a checkpoint's hyper-parameters), all target strings checked before any import."""
     with allowed_targets(allow_targets):
-        value = _as_dict(value)
+        value = _as_dict(value, path)
         nodes = list(_target_nodes(value, path))
         for sub_path, node in nodes:
             _check_all_target_names(node, sub_path)
@@ -287,7 +332,7 @@ def instantiate_from_configs(cfg: Any, path: str = "config", allow_targets: Any 
     """
     with allowed_targets(allow_targets):
         validate_target_config(cfg, path)
-        cfg = _as_dict(cfg)
+        cfg = _as_dict(cfg, path)
         params = dict(cfg.get("params") or {})
         params.update(extra)
         return get_obj_from_str(cfg["target"], f"{path}.target")(**params)
@@ -299,11 +344,27 @@ def _load_with_base(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    cfg = OmegaConf.load(path)
+    try:  # yaml's errors quote the file's text: keep only where the problem is
+        cfg = OmegaConf.load(path)
+    except Exception as err:
+        where = f" at line {err.problem_mark.line + 1}" if getattr(err, "problem_mark", None) else ""
+        raise ConfigError(f"{path}: not a readable YAML config ({type(err).__name__}{where})") from None
+    if not isinstance(cfg, DictConfig):
+        raise ConfigError(f"{path}: not a config: expected a mapping of sections, got a list")
+    unknown = [str(k) for k in cfg if k not in (*RUN_SECTIONS, "base")]
+    if unknown:  # a key is the file's text too: named only where it is a near miss of a section name
+        near = [f"{k!r} (did you mean {m[0]!r}?)" for k in unknown if (m := get_close_matches(k, RUN_SECTIONS, 1, .75))]
+        near += [f"{len(unknown) - len(near)} not shown (no section name is near)"] * (len(near) < len(unknown))
+        raise ConfigError(f"{path}: unknown top-level keys: {', '.join(near)}; expected some of {list(RUN_SECTIONS)}")
+    check_no_resolvers(cfg, f"{path}: ")
     base = cfg.pop("base", None)
     if base is None:
         return cfg
-    return OmegaConf.merge(_load_with_base(path.parent / base, seen + (path,)), cfg)
+    try:  # a base that is not a path, or a list merged onto a mapping: never quote the values
+        return OmegaConf.merge(_load_with_base(path.parent / base, seen + (path,)), cfg)
+    except TypeError:
+        raise ConfigError(f"{path}: base: not the path of a config file, or a section of the base is a list "
+                          "where this file has a mapping (or the other way round)") from None
 
 
 def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
@@ -316,6 +377,7 @@ def apply_overrides(cfg: DictConfig, overrides: Iterable[str]) -> DictConfig:
             raise ConfigError(f"override '{item}' is not of the form key=value")
         try:
             value = OmegaConf.to_container(OmegaConf.from_dotlist([f"v={text}"]))["v"]
+            check_no_resolvers(value, key.strip())
             OmegaConf.update(cfg, key.strip(), value, merge=True)
         except Exception as err:  # omegaconf's errors name the node but not the override
             raise ConfigError(f"override '{item}': {str(err).splitlines()[0]}") from err
