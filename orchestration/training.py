@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from utils.atomic import atomic_write, remove_stale_temporaries
@@ -80,8 +81,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
     try:
         return pl.Trainer(default_root_dir=str(run_dir), logger=build_logger(cfg, run_dir), callbacks=callbacks,
                           plugins=plugins, **trainer_kwargs)
-    except TypeError as err:
-        raise ConfigError(f"trainer: {err}") from err
+    except (TypeError, ValueError, MisconfigurationException) as err:  # e.g. a GPU accelerator without a GPU
+        raise ConfigError(f"trainer: {' '.join(str(err).split())}") from err
 
 
 def init_weights(model, path: str | Path, allow_targets=None) -> None:

@@ -72,6 +72,8 @@ BAD = {  # name -> (overrides, resume, the message on stderr after "dm4mi-condit
     "resume of another width": ([], "wide_train.ckpt",
                                 r"--resume .*wide_train\.ckpt does not fit the configured model \(\d+ weight"),
     "resume of an exported checkpoint": ([], "exported.ckpt", r"--resume .*exported\.ckpt: not a training checkpoint"),
+    "devices 0 (a Lightning refusal)": (["trainer.devices=0"], None, r"trainer: `Trainer\(devices=0\)` value is not a valid"),
+    "bogus precision": (["trainer.precision=bogus"], None, r"trainer: Precision 'bogus' is invalid"),
     "unknown method type": ([*EVAL, "evaluation.methods=[{name: a, type: noisy}, {name: b, type: bm4d}]"], None,
                             r"evaluation\.methods\[1\]\.type: 'bm4d' is not one of .*did you mean 'bm3d'"),
     "unknown method key": ([*EVAL, "evaluation.methods=[{name: a, type: ddpm, parms: {steps: 2}}]"], None,
