@@ -26,15 +26,20 @@ def make_run_dir(cfg: DictConfig) -> Path:
     log = cfg.get("logging", {})
     name = check_name(log.get("name", "run"), "logging.name")
     stem = resolve_path(log.get("save_dir", "runs")) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
     run_dir, n = stem, 0
     while True:
         try:
+            stem.parent.mkdir(parents=True, exist_ok=True)
             run_dir.mkdir()
             return run_dir
         except FileExistsError:
+            if not stem.parent.is_dir():
+                raise NotADirectoryError(f"logging.save_dir {stem.parent}: is not a folder") from None
             n += 1
             run_dir = stem.with_name(f"{stem.name}-{n}")
+        except OSError as err:  # under a file, not writable
+            raise type(err)(f"logging.save_dir {stem.parent}: cannot make the run folder there "
+                            f"({err.strerror or err})") from err
 
 
 def save_config(cfg: DictConfig, path: Path) -> None:
