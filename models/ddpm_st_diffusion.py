@@ -20,6 +20,7 @@ from diffusion_modules.diffusion_utils.gaussian_diffusion import GaussianDiffusi
 from diffusion_modules.diffusion_utils.losses import LOSSES, per_example_loss
 from diffusion_modules.diffusion_utils.sampling import check_sampler, run_chain
 from models.matched_start import MatchedStart
+from models.safe_loading import SafeCheckpointLoading
 from utils.initialize_configs import instantiate_from_configs
 from utils.optim import adamw_warmup_cosine
 
@@ -35,7 +36,7 @@ def unet_in_channels(unet: torch.nn.Module) -> int | None:
     return None
 
 
-class DDPM(MatchedStart, pl.LightningModule):
+class DDPM(SafeCheckpointLoading, MatchedStart, pl.LightningModule):
     """Unconditional DDPM on single-channel images; batches are dicts with ``x_prior``.
 
     ``image_size`` and ``channels`` give the shape of unconditional samples.

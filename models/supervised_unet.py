@@ -13,11 +13,12 @@ import torch
 
 from diffusion_modules.diffusion_utils.losses import per_example_loss
 from diffusion_modules.unet_arch.unet_rosinality import pad_to_multiple
+from models.safe_loading import SafeCheckpointLoading
 from utils.initialize_configs import instantiate_from_configs
 from utils.optim import adamw_warmup_cosine
 
 
-class SupervisedUNet(pl.LightningModule):
+class SupervisedUNet(SafeCheckpointLoading, pl.LightningModule):
     """U-Net trained with an L1 or L2 loss to map ``x_cond`` (noisy) to ``x_prior`` (clean)."""
 
     def __init__(self, unet_rosinality_config: Mapping[str, Any], loss_type: str = "l1",

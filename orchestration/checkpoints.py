@@ -19,8 +19,9 @@ from typing import Any, Mapping
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from models.ddpm_conditioned import RETIRED_HPARAMS, ConditionDDPM
+from models.ddpm_conditioned import ConditionDDPM
 from models.ddpm_st_diffusion import DDPM
+from models.safe_loading import RETIRED_HPARAMS
 from models.supervised_unet import SupervisedUNet
 from utils.atomic import atomic_write
 from utils.initialize_configs import (ConfigError, _accepted_parameters, check_no_resolvers, checkpoint_targets,

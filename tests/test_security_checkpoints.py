@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from models.ddpm_conditioned import ConditionDDPM
+from models.ddpm_st_diffusion import DDPM
+from models.supervised_unet import SupervisedUNet
 from orchestration.checkpoints import (CheckpointError, check_hyper_parameters, export_inference_checkpoint,
                                        load_checkpoint, pretrained_models, read_checkpoint)
 from orchestration.resume import AtomicCheckpointIO
@@ -79,6 +81,19 @@ def test_load_from_checkpoint_refuses_a_planted_pickle_even_when_torch_is_told_n
     with pytest.raises(CheckpointError):
         export_inference_checkpoint(path, path.with_name("out.ckpt"))
     assert not marker.exists() and not path.with_name("out.ckpt").exists()
+
+
+@pytest.mark.parametrize("cls", [DDPM, SupervisedUNet])
+def test_every_model_class_refuses_a_planted_pickle(planted, monkeypatch, cls):
+    """The unconditional DDPM and the U-Net share ConditionDDPM's loader (models/safe_loading.py);
+    with Lightning's own, DDPM.load_from_checkpoint ran the payload."""
+    path, marker = planted
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(ValueError, match=r"weights_only=True.*GLOBAL"):
+        cls.load_from_checkpoint(str(path), map_location="cpu")
+    with pytest.raises(ValueError, match=r"weights_only=True only"):
+        cls.load_from_checkpoint(str(path), weights_only=False)
+    assert not marker.exists()
 
 
 def test_load_from_checkpoint_refuses_weights_only_false(planted):
