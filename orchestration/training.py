@@ -12,7 +12,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from utils.atomic import atomic_write, remove_stale_temporaries
 from orchestration.callbacks import ImageLogger, NonFiniteGuard, TrainingSpeed, ValidationScores
-from orchestration.checkpoints import CheckpointError, read_checkpoint, checkpoint_model_class, check_hyper_parameters
+from orchestration.checkpoints import (CheckpointError, check_hyper_parameters, check_resume_hparams,
+                                      checkpoint_model_class, read_checkpoint)
 from utils.initialize_configs import ConfigError, instantiate_from_configs, validate_target_config
 from orchestration.config_checks import LOGGERS
 from orchestration.resume import AtomicCheckpointIO, ExactResume
@@ -137,13 +138,15 @@ class TrainingStarted(Callback):
 def check_resume_checkpoint(model, ckpt: dict, path: str | Path) -> None:
     """CheckpointError naming ``path`` unless the training checkpoint ``ckpt`` can continue
     ``model``: a full training checkpoint (optimizer and loop states, not an exported one)
-    of the same model class whose weights have the model's names and shapes."""
+    of the same model class, with the hyper-parameters its weights depend on
+    (``check_resume_hparams``) and weights of the model's names and shapes."""
     if not {"optimizer_states", "loops"} <= set(ckpt):
         raise CheckpointError(f"--resume {path}: not a training checkpoint (no optimizer or loop state, e.g. an "
                               "exported one); start from its weights with init_from instead")
     found = checkpoint_model_class(ckpt.get("hyper_parameters") or {})
     if type(model) is not found:
         raise CheckpointError(f"--resume {path} holds a {found.__name__}, the run trains a {type(model).__name__}")
+    check_resume_hparams(model, ckpt, f"--resume {path}")  # what Lightning's restore would refuse, now
     theirs = {k: tuple(v.shape) for k, v in (ckpt.get("state_dict") or {}).items() if hasattr(v, "shape")}
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     wrong = [f"{k} {theirs[k]} (configured {ours[k]})" for k in ours if k in theirs and theirs[k] != ours[k]]

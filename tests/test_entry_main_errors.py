@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from models.ddpm_conditioned import ConditionDDPM
 from orchestration.checkpoints import export_inference_checkpoint
 from synthetic import load_script, make_volume
+from utils.initialize_configs import instantiate_from_configs, load_config
 
 BUNDLED = "run_scripts/configs/ddpm-cond/bundled_ct_mr.yaml"
 UNET = "diffusion_modules.unet_arch.unet_rosinality.UNet"
@@ -40,6 +41,10 @@ def inputs(tmp_path_factory):
     torch.save(full, tmp / "wide.ckpt")
     torch.save({**full, "optimizer_states": [], "loops": {}, "global_step": 3}, tmp / "wide_train.ckpt")
     narrow = ddpm(8)
+    same = instantiate_from_configs(load_config(BUNDLED, TINY).model, "model")  # the run's model, a weight short
+    odd = {k: v for k, v in same.state_dict().items() if k != "unet.out.2.weight"}
+    torch.save({"state_dict": odd, "hyper_parameters": dict(same.hparams), "optimizer_states": [], "loops": {}},
+               tmp / "odd_train.ckpt")
     torch.save({"state_dict": narrow.state_dict(), "hyper_parameters": dict(narrow.hparams)}, tmp / "narrow.ckpt")
     export_inference_checkpoint(tmp / "narrow.ckpt", tmp / "exported.ckpt")
     volumes = f"data.params.volumes=[{{path: {ct}, modality: ct}}, {{path: {mr}, modality: mr}}]"
@@ -69,8 +74,10 @@ BAD = {  # name -> (overrides, resume, the message on stderr after "dm4mi-condit
     "negative noise level": (["data.params.noise={type: gaussian, sigma: -1}"], None, r"data\.params: .*sigma.*-1"),
     "init_from of another width": (["init_from={tmp}/wide.ckpt"], None,
                                    r"init_from: .*wide\.ckpt does not fit the configured UNet"),
-    "resume of another width": ([], "wide_train.ckpt",
-                                r"--resume .*wide_train\.ckpt does not fit the configured model \(\d+ weight"),
+    "resume of another width": ([], "wide_train.ckpt", r"--resume .*wide_train\.ckpt: cannot resume .*channel"),
+    "resume of other weights": ([], "odd_train.ckpt",
+                                r"--resume .*odd_train\.ckpt does not fit the configured model \(1 weight\(s\) differ: "
+                                r"unet\.out\.2\.weight missing"),
     "resume of an exported checkpoint": ([], "exported.ckpt", r"--resume .*exported\.ckpt: not a training checkpoint"),
     "save_dir under a file": (["logging.save_dir={tmp}/head_ct.nii.gz/runs"], None,
                               r"logging\.save_dir .*head_ct\.nii\.gz/runs: cannot make the run folder there"),
