@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 from omegaconf import OmegaConf
 
 from diffusion_modules.diffusion_utils.noise import NOISE_TYPES
-from metrics.denoisers import DENOISER_TYPES, BM3DDenoiser, NLMDenoiser, NoisyInput
+from evaluation.denoisers import DENOISER_TYPES, BM3DDenoiser, NLMDenoiser, NoisyInput
 from models.ddpm_conditioned import ConditionDDPM
 from models.supervised_unet import SupervisedUNet
 from utils.initialize_configs import ConfigError
@@ -49,7 +49,7 @@ TRAINER_TYPES = {"max_steps": (int,), "max_epochs": (int, None), "min_steps": (i
                  "deterministic": (bool, str, None), "num_nodes": (int,)}
 
 
-#: keys of an ``evaluation.methods`` entry (metrics.denoisers.build_denoiser) and their types
+#: keys of an ``evaluation.methods`` entry (evaluation.denoisers.build_denoiser) and their types
 METHOD = {"name": (str,), "type": (str,), "model": (str,), "params": (dict, None), "sigma": (str,)}
 #: the model keys the main job can load: its own model, the U-Net baseline, the shipped DDPM
 MAIN_JOB_MODEL_KEYS = ("ddpm", "unet", "ddpm_pretrained")
@@ -112,7 +112,7 @@ def _unknown_value(key: str, value, known) -> ConfigError:
 
 def check_methods(methods) -> None:
     """ConfigError naming the entry of ``evaluation.methods`` with an unknown key, type,
-    ``sigma`` mode or ``params`` key (what metrics.denoisers.build_denoiser and the model's
+    ``sigma`` mode or ``params`` key (what evaluation.denoisers.build_denoiser and the model's
     ``denoise`` would refuse only after training), or a repeated method name."""
     if methods is None:
         return

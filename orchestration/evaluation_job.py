@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from diffusion_modules.diffusion_utils.datamodule import infer_modality, volume_entry
-from metrics.denoisers import build_denoiser, plain_dict
-from metrics.evaluation import evaluate
-from metrics.reporting import UNSEEN
+from evaluation.denoisers import build_denoiser, plain_dict
+from evaluation.loop import evaluate
+from evaluation.reporting import UNSEEN
 from utils.initialize_configs import instantiate_from_configs
 from utils.intensity import MODALITIES, check_modality, normalize
 from utils.paths import resolve_path

@@ -31,9 +31,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from metrics.study_tables import (comparisons, plot_vs_level, plot_vs_nfe, read_scores, study_markdown,
-                                  write_comparisons_csv)
-from metrics.reporting import atomic_text
+from evaluation.reporting import atomic_text, plot_vs_level
+from evaluation.study_tables import (PRIMARY, SCORE_LABELS, comparisons, plot_vs_nfe, read_scores, strategy_curves,
+                                     study_markdown, write_comparisons_csv)
 from orchestration.checkpoints import checkpoint_model_class, load_checkpoint, read_checkpoint
 from orchestration.config_checks import check_run_config
 from orchestration.evaluation_job import run_evaluation
@@ -188,12 +188,14 @@ def run_study(study: dict, out_dir: Path, device: str | None = None) -> dict:
         noise_types.append(noise["type"])
     comps = comparisons(rows, info, references)
     diffusion = {v["strategy"] for v in info.values() if v["diffusion"]}
-    header = (f"# Study results\n\nWritten by `run_scripts/study.py`; study config: `study_config.yaml`. "
-              f"Per-slice scores: `<noise type>/scores.csv`; every paired comparison: `comparisons.csv`.\n")
+    header = ("# Study results\n\nWritten by `run_scripts/study.py`; study config: `study_config.yaml`. "
+              "Per-slice scores: `<noise type>/scores.csv`; every paired comparison: `comparisons.csv`.\n")
     paths = {"comparisons_csv": write_comparisons_csv(out_dir / "comparisons.csv", comps)}
     for noise_type in noise_types:
-        paths[f"level_{noise_type}"] = plot_vs_level(out_dir / f"psnr_vs_level_{noise_type}.png", rows, info,
-                                                     noise_type)
+        paths[f"level_{noise_type}"] = plot_vs_level(
+            out_dir / f"psnr_vs_level_{noise_type}.png", strategy_curves(rows, info, noise_type),
+            {score: SCORE_LABELS[score] for score in PRIMARY[noise_type]}, noise_type,
+            title=f"{noise_type}: best configuration of each strategy")
         paths[f"nfe_{noise_type}"] = plot_vs_nfe(out_dir / f"psnr_vs_nfe_{noise_type}.png", rows, info, noise_type)
     paths["study_md"] = atomic_text(out_dir / "study.md", study_markdown(rows, info, comps, noise_types, diffusion,
                                                                          references, header))

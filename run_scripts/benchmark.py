@@ -17,15 +17,12 @@ Figures only; nothing is asserted.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from utils.initialize_configs import instantiate_from_configs, load_config  # noqa: E402
+from utils.initialize_configs import instantiate_from_configs, load_config
 
 
 def _sync(device: torch.device) -> None:

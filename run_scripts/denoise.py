@@ -23,16 +23,13 @@ User errors (a bad flag or path) are one line on stderr and exit status 2.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from models.ddpm_conditioned import ConditionDDPM  # noqa: E402
-from orchestration.checkpoints import load_checkpoint  # noqa: E402
-from orchestration.cli import checked_device, user_error_boundary  # noqa: E402
-from orchestration.volume_denoiser import check_output_paths, check_settings, denoise_volume  # noqa: E402
-from utils.planes import ACQUISITION, PLANES  # noqa: E402
+from models.ddpm_conditioned import ConditionDDPM
+from orchestration.checkpoints import load_checkpoint
+from orchestration.cli import checked_device, user_error_boundary
+from orchestration.volume_denoiser import check_output_paths, check_settings, denoise_volume
+from utils.planes import ACQUISITION, PLANES
 
 
 def sigma_arg(value: str):

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils.initialize_configs import load_config  # noqa: E402
-from orchestration.cli import user_error_boundary  # noqa: E402
-from orchestration.config_checks import check_run_config  # noqa: E402
-from orchestration.run_job import run_job  # noqa: E402
+from utils.initialize_configs import load_config
+from orchestration.cli import user_error_boundary
+from orchestration.config_checks import check_run_config
+from orchestration.run_job import run_job
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,13 +10,10 @@ hyper-parameters name a target outside the project's allowlist.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from orchestration.checkpoints import export_inference_checkpoint  # noqa: E402
-from orchestration.cli import user_error_boundary  # noqa: E402
+from orchestration.checkpoints import export_inference_checkpoint
+from orchestration.cli import user_error_boundary
 
 
 def main(argv: list[str] | None = None) -> None:

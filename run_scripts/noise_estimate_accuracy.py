@@ -9,16 +9,13 @@ markdown table.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion_modules.diffusion_utils.noise import noise_at_level  # noqa: E402
-from diffusion_modules.diffusion_utils.noise_level import estimate_noise_sigma  # noqa: E402
-from utils.initialize_configs import instantiate_from_configs, load_config  # noqa: E402
+from diffusion_modules.diffusion_utils.noise import noise_at_level
+from diffusion_modules.diffusion_utils.noise_level import estimate_noise_sigma
+from utils.initialize_configs import instantiate_from_configs, load_config
 
 SIGMAS = (0.02, 0.05, 0.1, 0.15, 0.2, 0.25)
 

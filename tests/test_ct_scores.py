@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from skimage.metrics import structural_similarity
 
-from metrics.evaluation import CT_WINDOW, ct_scores, evaluate
-from metrics.denoisers import NoisyInput
+from evaluation.loop import CT_WINDOW, ct_scores, evaluate
+from evaluation.denoisers import NoisyInput
 from metrics.image_metrics import ImageMetrics
 
 NORM = {"low": -1024.0, "high": 3071.0}

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydicom.uid import generate_uid
 
-from metrics.denoisers import ModelDenoiser
+from evaluation.denoisers import ModelDenoiser
 from models.ddpm_conditioned import ConditionDDPM
 from diffusion_modules.diffusion_utils.noise_level import estimate_noise_sigma
 from orchestration.volume_denoiser import denoise_slices, denoise_volume

@@ -5,7 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from metrics.denoisers import (
+from evaluation.denoisers import (
     BM3DDenoiser,
     ModelDenoiser,
     NLMDenoiser,

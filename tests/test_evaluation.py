@@ -12,9 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusion_modules.diffusion_utils.noise import GaussianNoise, LowDoseCTNoise, RicianNoise
-from metrics.denoisers import Denoiser, ModelDenoiser, NLMDenoiser, NoisyInput
-from metrics.evaluation import evaluate, noise_rng
-from metrics.reporting import CSV_COLUMNS, safe_name
+from evaluation.denoisers import Denoiser, ModelDenoiser, NLMDenoiser, NoisyInput
+from evaluation.loop import evaluate, noise_rng
+from evaluation.reporting import CSV_COLUMNS, safe_name
 from orchestration.evaluation_job import evaluation_levels, limit_slices, run_evaluation
 
 SIGMAS = [0.05, 0.1, 0.2]

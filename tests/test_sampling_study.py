@@ -1,25 +1,22 @@
 """The sampling study's rows: every NFE/K row is a PSNR, and the calibration numbers are
 a correlation and a fraction."""
-import argparse
 from pathlib import Path
 
 import numpy as np
 
 from models.ddpm_conditioned import ConditionDDPM
-from synthetic import load_script
+from evaluation.sampling_study import study_slice
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_study_slice_rows():
-    study = load_script("sampling_study.py")
     model = ConditionDDPM.load_from_checkpoint(str(ROOT / "pretrained" / "cdm4mi_bundled_ct_mr.ckpt"), map_location="cpu").eval()
     yy, xx = np.mgrid[:32, :32]
     clean = np.where((yy - 16) ** 2 + (xx - 16) ** 2 < 150, 0.6, 0.0) + 0.2 * (xx / 32)
     sigma = 0.02  # t* is small, so the ancestral row from t* is cheap
     noisy = (clean + sigma * np.random.default_rng(0).standard_normal(clean.shape)).astype(np.float32)
-    args = argparse.Namespace(nfe=[1, 2], k=[1, 3], k_steps=2)
-    out = study.study_slice(model, clean, noisy, sigma, args, ancestral_from_noise=False)
+    out = study_slice(model, clean, noisy, sigma, nfe=[1, 2], k=[1, 3], k_steps=2, ancestral_from_noise=False)
     t_star = model.start_timestep("auto", sigma)
     expected = {("DDIM eta 0 from t*", 1), ("DDIM eta 0 from t*", 2), ("DDIM eta 0 from pure noise", 1),
                 ("DDIM eta 0 from pure noise", 2), ("ancestral DDPM from t*", t_star + 1),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from metrics.denoisers import ModelDenoiser
+from evaluation.denoisers import ModelDenoiser
 from diffusion_modules.diffusion_utils.sampling import ddim_timesteps
 from models.ddpm_conditioned import NULL_CONDITION, ConditionDDPM
 from models.ddpm_st_diffusion import DDPM

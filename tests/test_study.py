@@ -9,7 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from metrics.statistics import paired_comparison
-from metrics.study_tables import read_scores, verdict_phrase
+from evaluation.study_tables import read_scores, verdict_phrase
 from orchestration.study import expand_strategies, load_study_config
 from synthetic import load_script
 from test_main_job import BUNDLED, write_volumes

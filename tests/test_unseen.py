@@ -13,9 +13,9 @@ import pytest
 from omegaconf import OmegaConf
 from pydicom.data import get_testdata_file
 
-from metrics.denoisers import NLMDenoiser, NoisyInput
-from metrics.evaluation import evaluate
-from metrics.reporting import best_methods
+from evaluation.denoisers import NLMDenoiser, NoisyInput
+from evaluation.loop import evaluate
+from evaluation.reporting import best_methods
 from orchestration.evaluation_job import (
     parse_test_volumes,
     refuse_training_volumes,

@@ -151,3 +151,13 @@ def to_physical(x01: np.ndarray, norm: dict) -> np.ndarray:
     computed in float64, returned as float32."""
     low, high = float(norm["low"]), float(norm["high"])
     return (low + np.asarray(x01, dtype=np.float64) * (high - low)).astype(np.float32)
+
+
+def to_model_units(x01):
+    """[0,1] image values (numpy array or torch tensor) to the models' [-1,1]: 2 x - 1."""
+    return 2.0 * x01 - 1.0
+
+
+def from_model_units(x):
+    """The models' [-1,1] back to the [0,1] scale: (x + 1) / 2 (not clipped)."""
+    return (x + 1.0) / 2.0

@@ -4,7 +4,7 @@ Every model is called as ``noise(clean01, rng) -> (noisy01 float32, sigma_used f
 clean01 is a float array in [0,1], rng a ``np.random.Generator``; noisy01 is NOT clipped;
 sigma_used is the (Gaussian-equivalent) noise std on the [0,1] scale. Gaussian draws are
 float64 (``rng.standard_normal(shape) * sigma``, added to the slice in float64, then cast
-to float32), so training, validation and the evaluation (metrics.evaluation) draw the same
+to float32), so training, validation and the evaluation (evaluation.loop) draw the same
 noise from the same generator. Each class names its level parameter in ``level``
 ("sigma" or "i0"); ``noise_at_level`` builds a model at one fixed level.
 

@@ -1,6 +1,6 @@
 """What the evaluation writes: scores.csv, results.md, the figures and the predictions.
 
-``metrics.evaluation.evaluate`` computes the rows (one per level, slice and method) and
+``evaluation.loop.evaluate`` computes the rows (one per level, slice and method) and
 calls these. Noise levels are named in their unit: sigma (std on the [0,1] scale) for
 gaussian and rician noise, i0 (photons per detector bin) for lowdose_ct. Predictions
 are saved in physical units (HU for CT) with ``utils.intensity.to_physical``.
@@ -243,35 +243,46 @@ def save_figure(path: Path, fig) -> Path:
         plt.close(fig)
 
 
-def plot_vs_level(path: Path, summary, noise_type: str = "gaussian") -> Path:
-    """PSNR / SSIM (whole and body) against the noise level, one line per method, one
-    row per (set, modality); i0 on a log axis."""
+#: the panels of the evaluation's figure: score -> axis label
+SUMMARY_PANELS = {"psnr": "PSNR (dB)", "ssim": "SSIM", "psnr_masked": "PSNR body (dB)", "ssim_masked": "SSIM body"}
+
+
+def summary_curves(summary) -> dict:
+    """``summarize``'s entries as ``plot_vs_level`` curves: {"<set> <MODALITY>": {method:
+    {level: entry}}}."""
+    curves = {}
+    for e in summary:
+        group = f"{e.get('set', SAME_SUBJECT)} {e['modality'].upper()}"
+        curves.setdefault(group, {}).setdefault(e["method"], {})[e["sigma"]] = e
+    return curves
+
+
+def plot_vs_level(path: Path, curves, scores, noise_type: str = "gaussian", title: str | None = None) -> Path:
+    """Scores against the noise level: one row of panels per group, one panel per score, one
+    line per curve; i0 (photons) on a log axis.
+
+    curves: {group: {line label: {level: {score: value}}}}; scores: {score: axis label}.
+    A missing or non-finite value leaves a gap."""
     plt = pyplot()
-    panels = (("psnr", "PSNR (dB)"), ("ssim", "SSIM"), ("psnr_masked", "PSNR body (dB)"),
-              ("ssim_masked", "SSIM body"))
     photons = level_name(noise_type) == "i0"
-    groups = list(dict.fromkeys((e.get("set", SAME_SUBJECT), e["modality"]) for e in summary))
-    methods = list(dict.fromkeys(e["method"] for e in summary))
-    fig, axes = plt.subplots(len(groups), len(panels), figsize=(4 * len(panels), 3.2 * len(groups)),
+    fig, axes = plt.subplots(len(curves), len(scores), figsize=(4 * max(len(scores), 2), 3.4 * len(curves)),
                              squeeze=False)
-    for r, (group, modality) in enumerate(groups):
-        for c, (key, label) in enumerate(panels):
+    for r, (group, lines) in enumerate(curves.items()):
+        for c, (key, label) in enumerate(scores.items()):
             ax = axes[r, c]
-            for method in methods:
-                sel = [e for e in summary if (e.get("set", SAME_SUBJECT), e["modality"]) == (group, modality)
-                       and e["method"] == method]
-                xs = [e["sigma"] for e in sel]
-                ys = [e[key] if np.isfinite(e[key]) else np.nan for e in sel]
-                ax.plot(xs, ys, marker="o", label=method)
+            for name, by_level in lines.items():
+                xs = sorted(by_level)
+                ys = [float(by_level[x].get(key, np.nan)) for x in xs]
+                ax.plot(xs, [y if np.isfinite(y) else np.nan for y in ys], marker="o", label=name)
             if photons:
                 ax.set_xscale("log")
-                ax.set_xlabel("i0 (photons per detector bin)")
-            else:
-                ax.set_xlabel("sigma ([0,1] scale)")
+            ax.set_xlabel("i0 (photons per detector bin)" if photons else "sigma ([0,1] scale)")
             ax.set_ylabel(label)
-            ax.set_title(f"{group} {modality.upper()}: {label}", fontsize=10)
+            ax.set_title(f"{group}: {label}", fontsize=10)
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return save_figure(path, fig)
 

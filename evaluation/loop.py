@@ -11,7 +11,7 @@ A slice may carry "set" ("same-subject", the default: held-out slabs of the trai
 volumes; "unseen": a volume no training split touches) and "label" (e.g. "resolution
 shift"); rows, tables and figure rows are kept apart by set.
 
-``evaluate`` writes into out_dir (see metrics.reporting):
+``evaluate`` writes into out_dir (see evaluation.reporting):
   scores.csv               one row per (level, slice, method), column "set"
   results.md               sections "Same-subject slabs" and "Unseen volumes": mean +- std
                            per modality, method and level, best body PSNR per level
@@ -33,16 +33,16 @@ import torch
 from tqdm import tqdm
 
 from diffusion_modules.diffusion_utils.noise import NOISE_TYPES, noise_at_level, noise_for_volume
-from metrics.denoisers import NoisyInput
-from metrics.image_metrics import ImageMetrics, body_mask
-from utils.intensity import to_physical
-from metrics.reporting import (
+from evaluation.denoisers import NoisyInput
+from evaluation.reporting import (
     SETS,
+    SUMMARY_PANELS,
     atomic_text,
     level_name,
     level_unit,
     plot_examples,
     plot_vs_level,
+    summary_curves,
     results_markdown,
     safe_name,
     save_nifti,
@@ -51,6 +51,8 @@ from metrics.reporting import (
     summarize,
     write_csv,
 )
+from metrics.image_metrics import ImageMetrics, body_mask
+from utils.intensity import to_physical
 
 SLICE_KEYS = ("clean", "source", "modality", "slice_index", "spacing", "norm")
 #: (level, width) in HU of the CT display window scored by ct_scores: a head CT's brain window
@@ -155,7 +157,7 @@ def evaluate(
 ) -> dict:
     """Scores every denoiser on every slice at every noise level.
 
-    denoisers: list of Denoiser (metrics.denoisers); names must be unique.
+    denoisers: list of Denoiser (evaluation.denoisers); names must be unique.
     slices: list of dicts {"clean": (H,W) float32 [0,1], "source", "modality",
         "slice_index", "spacing" (mm: in-plane axis 0, axis 1, slice), "norm":
         {"low", "high", ...} physical units} as given by the data module's test_slices();
@@ -230,7 +232,8 @@ def evaluate(
         "scores_csv": write_csv(out_dir / "scores.csv", rows),
         "results_md": atomic_text(out_dir / "results.md",
                                   results_markdown(summary, slices, noise_type, noise_seed)),
-        "plot_png": plot_vs_level(out_dir / "psnr_ssim_vs_sigma.png", summary, noise_type),
+        "plot_png": plot_vs_level(out_dir / "psnr_ssim_vs_sigma.png", summary_curves(summary), SUMMARY_PANELS,
+                                  noise_type),
         "examples_png": plot_examples(out_dir / "examples.png", examples, noise_type) if examples else None,
         "predictions_dir": None,
         "summary": summary,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from metrics.reporting import SETS, pyplot, save_figure, atomic_text, level_name
+from evaluation.reporting import SETS, atomic_text, level_name, pyplot, save_figure
 from metrics.statistics import paired_comparison
 
 #: the score each noise type is ranked by, with the table's second score
@@ -161,31 +161,16 @@ def recommendation_table(rows, methods: dict, comps, noise_type: str, diffusion:
     return "\n".join(lines)
 
 
-def plot_vs_level(path: Path, rows, methods: dict, noise_type: str) -> Path:
-    """Primary and second score against the level, one line per strategy (its best
-    configuration at each level), one row of panels per set."""
-    plt = pyplot()
-    groups, levels = _groups(rows, noise_type), _levels(rows, noise_type)
-    strategies = list(dict.fromkeys(info["strategy"] for info in methods.values()))
-    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.6 * len(groups)), squeeze=False)
-    for r, g in enumerate(groups):
-        best = {lv: best_per_strategy(rows, methods, noise_type, g, lv) for lv in levels}
-        for c, score in enumerate(PRIMARY[noise_type]):
-            ax = axes[r, c]
-            for strategy in strategies:
-                xs = [lv for lv in levels if strategy in best[lv]]
-                ys = [_mean(rows, noise_type, g, lv, best[lv][strategy][0], score)[0] for lv in xs]
-                ax.plot(xs, ys, marker="o", label=strategy)
-            if level_name(noise_type) == "i0":
-                ax.set_xscale("log")
-            ax.set_xlabel(_fmt_level(1, noise_type).split()[0])
-            ax.set_ylabel(SCORE_LABELS[score])
-            ax.set_title(f"{g}: {SCORE_LABELS[score]}", fontsize=10)
-            ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    fig.suptitle(f"{noise_type}: best configuration of each strategy", fontsize=11)
-    fig.tight_layout()
-    return save_figure(path, fig)
+def strategy_curves(rows, methods: dict, noise_type: str) -> dict:
+    """``reporting.plot_vs_level`` curves of the study: per set, one line per strategy, its
+    best configuration at each level with that configuration's mean scores."""
+    curves = {}
+    for g in _groups(rows, noise_type):
+        for lv in _levels(rows, noise_type):
+            for strategy, (method, _) in best_per_strategy(rows, methods, noise_type, g, lv).items():
+                curves.setdefault(g, {}).setdefault(strategy, {})[lv] = {
+                    score: _mean(rows, noise_type, g, lv, method, score)[0] for score in PRIMARY[noise_type]}
+    return curves
 
 
 def plot_vs_nfe(path: Path, rows, methods: dict, noise_type: str) -> Path:
