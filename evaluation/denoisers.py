@@ -18,6 +18,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from diffusion_modules.diffusion_utils.noise_level import wavelet_sigma
+from utils.intensity import from_model_units, to_model_units
 
 DENOISER_TYPES = ("noisy", "nlm", "bm3d", "unet", "ddpm")
 
@@ -178,7 +179,7 @@ class ModelDenoiser(Denoiser):
             kw["sigma"] = _resolve_sigma(x, sigma)
         if want_std:
             kw["return_std"] = True
-        tensor = torch.from_numpy(2.0 * x - 1.0)[None, None].to(self.device)
+        tensor = torch.from_numpy(to_model_units(x))[None, None].to(self.device)
         with torch.no_grad():
             out = self.model.denoise(tensor, **kw)
         mean, std = out if want_std else (out, None)
@@ -187,7 +188,7 @@ class ModelDenoiser(Denoiser):
                 f"{self.name}: model.denoise returned shape {tuple(mean.shape)}, "
                 f"expected {(1, 1) + x.shape}"
             )
-        pred01 = np.clip((mean[0, 0].float().cpu().numpy() + 1.0) / 2.0, 0.0, 1.0)
+        pred01 = np.clip(from_model_units(mean[0, 0].float().cpu().numpy()), 0.0, 1.0)
         std01 = None if std is None else std[0, 0].float().cpu().numpy() / 2.0
         return pred01.astype(np.float32), std01
 

@@ -18,7 +18,7 @@ from contextlib import nullcontext
 import torch
 
 from diffusion_modules.diffusion_utils.sampling import START_NOISES, capped_steps, matched_start, matched_timestep
-from diffusion_modules.unet_arch.unet_rosinality import pad_to_multiple
+from diffusion_modules.unet_arch.unet_rosinality import run_padded
 
 
 class MatchedStart:
@@ -74,17 +74,19 @@ class MatchedStart:
             warnings.warn("sigma=0: there is no noise to remove; the input is returned unchanged")
             return noisy.clone()
         steps = capped_steps(sampler, steps, t0)
-        noisy_p = pad_to_multiple(noisy, self.unet.size_factor)
-        cond = self.chain_condition(noisy_p)
-        if t0 is None:
-            x_T = torch.randn(noisy_p.shape, generator=generator, device=noisy.device, dtype=noisy.dtype)
-        else:
-            with self.ema_scope() if use_ema else nullcontext():
-                x_T = matched_start(self.diffusion, noisy_p, t0, start_noise, self.model_fn(cond, guidance_scale),
-                                    generator)
-        out = self.run_sampler(x_T, cond, sampler=sampler, steps=steps, eta=eta, spacing=spacing, t_start=t0,
-                               guidance_scale=guidance_scale, generator=generator, use_ema=use_ema)
-        return out[..., :h, :w]
+
+        def chain(noisy_p):
+            cond = self.chain_condition(noisy_p)
+            if t0 is None:
+                x_T = torch.randn(noisy_p.shape, generator=generator, device=noisy.device, dtype=noisy.dtype)
+            else:
+                with self.ema_scope() if use_ema else nullcontext():
+                    x_T = matched_start(self.diffusion, noisy_p, t0, start_noise, self.model_fn(cond, guidance_scale),
+                                        generator)
+            return self.run_sampler(x_T, cond, sampler=sampler, steps=steps, eta=eta, spacing=spacing, t_start=t0,
+                                    guidance_scale=guidance_scale, generator=generator, use_ema=use_ema)
+
+        return run_padded(chain, noisy, self.unet.size_factor)
 
     @staticmethod
     def check_ensemble(n_samples: int, t_start, sampler: str, eta: float | None, steps: int | None,

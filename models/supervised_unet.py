@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 
 from diffusion_modules.diffusion_utils.losses import per_example_loss
-from diffusion_modules.unet_arch.unet_rosinality import pad_to_multiple
+from diffusion_modules.unet_arch.unet_rosinality import run_padded
 from models.safe_loading import SafeCheckpointLoading
 from utils.initialize_configs import instantiate_from_configs
 from utils.optim import adamw_warmup_cosine
@@ -59,6 +59,5 @@ class SupervisedUNet(SafeCheckpointLoading, pl.LightningModule):
             raise ValueError(f"noisy must be (B, C, H, W), got shape {tuple(noisy.shape)}")
         if not torch.isfinite(noisy).all():
             raise ValueError("noisy input contains NaN or inf values")
-        h, w = noisy.shape[-2:]
-        padded = pad_to_multiple(noisy.to(self.device, torch.float32), self.unet.size_factor)
-        return torch.cat([self(chunk) for chunk in padded.split(batch_size)])[..., :h, :w]
+        return run_padded(lambda padded: torch.cat([self(chunk) for chunk in padded.split(batch_size)]),
+                          noisy.to(self.device, torch.float32), self.unet.size_factor)

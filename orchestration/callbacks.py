@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from metrics.image_metrics import ImageMetrics
 from models.ddpm_conditioned import ConditionDDPM
 from models.supervised_unet import SupervisedUNet
+from utils.intensity import from_model_units
 
 
 class ImageLogger(pl.Callback):
@@ -42,7 +43,7 @@ class ImageLogger(pl.Callback):
         rows = pl_module.log_images(batch, n=self.n, steps=self.steps)
         pl_module.train(was_training)
         for name, row in rows.items():
-            strip = torch.cat(list(((row.float().clamp(-1, 1) + 1) / 2).cpu()), dim=-1)
+            strip = torch.cat(list(from_model_units(row.float().clamp(-1, 1)).cpu()), dim=-1)
             log_image(key=f"images/{name}", images=[strip], step=step)
 
 
@@ -106,8 +107,8 @@ class ValidationScores(pl.Callback):
                 if kw.get("t_start") == "auto" and "sigma" in self.batch:
                     kw["sigma"] = float(self.batch["sigma"][i])
                 preds.append(pl_module.denoise(noisy[None].to(pl_module.device), **kw).float().cpu())
-        pred01 = ((torch.cat(preds) + 1) / 2).clamp(0, 1)
-        scores = ImageMetrics().image_scores((self.batch["x_prior"] + 1) / 2, pred01, dynamic_range=1.0)
+        pred01 = from_model_units(torch.cat(preds)).clamp(0, 1)
+        scores = ImageMetrics().image_scores(from_model_units(self.batch["x_prior"]), pred01, dynamic_range=1.0)
         return {"psnr": scores["psnr"], "ssim": scores["ssim"]}
 
     def on_validation_epoch_end(self, trainer, pl_module):

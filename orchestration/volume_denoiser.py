@@ -33,13 +33,14 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffusion_modules.diffusion_utils.sampling import capped_steps
 from models.ddpm_conditioned import ConditionDDPM
 from orchestration.cli import check_writable_folder
 from diffusion_modules.diffusion_utils.noise_level import estimate_noise_sigma, negligible_sigma
 from utils.atomic import atomic_write
 from utils.dicom_writer import check_output_folder, check_writable, write_dicom_series
-from utils.intensity import MODALITIES, check_modality, intensity_window, modality_from_intensities, \
-    to_physical, window_weight
+from utils.intensity import (MODALITIES, check_modality, from_model_units, intensity_window, modality_from_intensities,
+                             to_model_units, to_physical, to_unit_range, window_weight)
 from utils.planes import ACQUISITION, PLANE_AXES, PLANES, acquisition_plane, cut_plane
 from utils.volume_io import from_ras_array, ras_array, read_dicom_series, read_image
 
@@ -86,10 +87,10 @@ def denoise_slices(model: ConditionDDPM, slices01: np.ndarray, sigma: float, *, 
     for start in range(0, len(tiles), batch_size):
         chunk = tiles[start:start + batch_size]
         batch = np.stack([slices01[z, r:r + th, c:c + tw] for z, r, c in chunk])
-        noisy = torch.from_numpy(2.0 * batch[:, None] - 1.0).float()
+        noisy = torch.from_numpy(to_model_units(batch[:, None])).float()
         mean, std = model.denoise(noisy, steps=steps, eta=eta, n_samples=n_samples, t_start="auto", sigma=sigma,
                                   return_std=True, batch_size=batch_size * n_samples, generator=generator)
-        mean01 = ((mean[:, 0].double().cpu().numpy() + 1.0) / 2.0).clip(0.0, 1.0)
+        mean01 = from_model_units(mean[:, 0].double().cpu().numpy()).clip(0.0, 1.0)
         var01 = (std[:, 0].double().cpu().numpy() / 2.0) ** 2
         for (z, r, c), m, v in zip(chunk, mean01, var01):
             acc[0][z, r:r + th, c:c + tw] += weight * m
@@ -252,8 +253,7 @@ def denoise_volume(model: ConditionDDPM, input_path, output_path, *, std_path=No
         info["unchanged"] = (f"no noise to remove: the {modality} intensity window is empty (one foreground "
                              f"intensity, {low:g})")
     else:
-        # the model saw noisy inputs that were not clipped to [0,1]: scale without clipping
-        ras01 = (ras - np.float32(low)) / np.float32(high - low)
+        ras01 = to_unit_range(ras, low, high, clip=False)  # the model saw noisy inputs beyond [0, 1]
         slices01 = np.ascontiguousarray(cut_plane(ras01, zooms, plane)[0], dtype=np.float32)
         if sigma == "auto":
             sigma = estimate_noise_sigma(slices01, foreground=modality == "mr")  # MR magnitude: Rician
@@ -291,7 +291,7 @@ def denoise_volume(model: ConditionDDPM, input_path, output_path, *, std_path=No
                                                   derivation)
     elif output_dicom is not None:
         derivation = (f"denoised by CDM4MI (conditional diffusion model, DDIM from the matched start "
-                      f"t*={t_star}): sigma {sigma:.4g} on the [0,1] scale, {min(steps, t_star + 1)} steps, "
+                      f"t*={t_star}): sigma {sigma:.4g} on the [0,1] scale, {capped_steps('ddim', steps, t_star)} steps, "
                       f"{n_samples} sample(s), eta {eta}, {plane} slices")
         info["output_dicom"] = write_dicom_series(output_dicom, from_ras_array(img, out), files, Path(input_path),
                                                   derivation)

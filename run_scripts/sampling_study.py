@@ -20,7 +20,8 @@ import argparse
 
 import numpy as np
 
-from evaluation.loop import noise_rng
+from diffusion_modules.diffusion_utils.noise import GaussianNoise
+from evaluation.loop import noise_rng, slice_noise
 from evaluation.sampling_study import report, study_slice
 from models.ddpm_conditioned import ConditionDDPM
 from orchestration.checkpoints import load_checkpoint
@@ -49,10 +50,11 @@ def run(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config)
     datamodule = instantiate_from_configs(cfg.data, "data", allow_targets=cfg.get("allow_targets"))
     slices = limit_slices(datamodule.test_slices(), args.slices)
+    noise = GaussianNoise(sigma=args.sigma)
     results, seen = {}, {}
     for i, s in enumerate(slices):
         clean = s["clean"].astype(np.float64)
-        noisy = (clean + args.sigma * noise_rng(args.seed, args.sigma, i).standard_normal(clean.shape)).astype(np.float32)
+        noisy, _ = slice_noise(noise, s, clean, noise_rng(args.seed, args.sigma, i))
         seen[s["source"]] = seen.get(s["source"], 0) + 1
         row = study_slice(model, clean, noisy, args.sigma, args.nfe, args.k, args.k_steps,
                           seen[s["source"]] <= args.ancestral_slices)

@@ -142,8 +142,15 @@ def normalize(
     low, high = intensity_window(volume, modality, ct_window, mr_percentiles)
     if not high > low:
         raise ValueError(f"{modality} intensity window is empty: low={low}, high={high}")
-    x01 = np.clip((volume - low) / (high - low), 0.0, 1.0).astype(np.float32)
-    return x01, {"modality": modality, "low": low, "high": high}
+    return to_unit_range(volume, low, high), {"modality": modality, "low": low, "high": high}
+
+
+def to_unit_range(volume: np.ndarray, low: float, high: float, clip: bool = True) -> np.ndarray:
+    """Physical units to the [0,1] scale of the window (low, high): (v - low) / (high - low)
+    in float32, clipped to [0, 1] unless ``clip`` is False (denoising feeds the model noisy
+    values beyond the window, as it saw them in training)."""
+    x = (np.asarray(volume, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    return np.clip(x, 0.0, 1.0) if clip else x
 
 
 def to_physical(x01: np.ndarray, norm: dict) -> np.ndarray:

@@ -44,6 +44,7 @@ from torch.utils.data import Dataset
 from diffusion_modules.diffusion_utils.augment import Augmentation
 from diffusion_modules.diffusion_utils.noise import noise_for_volume
 from utils.create_training_images import UINT16_SCALE
+from utils.intensity import to_model_units
 from utils.volume_io import source_stem
 
 REQUIRED = ("volume", "patches", "slice_index", "origin")
@@ -126,8 +127,8 @@ def read_meta(path: Path) -> dict:
 def to_item(clean01: np.ndarray, noisy01: np.ndarray, sigma: float, index: int) -> dict:
     """Batch dict in model units [-1,1]."""
     return {
-        "x_cond": torch.from_numpy(2.0 * np.asarray(noisy01, dtype=np.float32)[None] - 1.0),
-        "x_prior": torch.from_numpy(2.0 * np.asarray(clean01, dtype=np.float32)[None] - 1.0),
+        "x_cond": torch.from_numpy(to_model_units(np.asarray(noisy01, dtype=np.float32)[None])),
+        "x_prior": torch.from_numpy(to_model_units(np.asarray(clean01, dtype=np.float32)[None])),
         "sigma": torch.tensor(sigma, dtype=torch.float32),
         "index": torch.tensor(index, dtype=torch.int64),
     }

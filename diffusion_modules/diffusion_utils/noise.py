@@ -29,7 +29,7 @@ import math
 
 import numpy as np
 
-from utils.intensity import CT_WINDOW_HU
+from utils.intensity import CT_WINDOW_HU, to_physical
 
 MU_WATER_PER_MM = 0.0192
 
@@ -141,7 +141,7 @@ class LowDoseCTNoise:
         side = max(h, w)
         hu = np.full((side, side), -1000.0)
         top, left = (side - h) // 2, (side - w) // 2
-        hu[top : top + h, left : left + w] = self.low + clean * (self.high - self.low)
+        hu[top : top + h, left : left + w] = to_physical(clean, {"low": self.low, "high": self.high})
         mu = np.clip(MU_WATER_PER_MM * (1.0 + hu / 1000.0), 0.0, None)
         theta = np.linspace(0.0, 180.0, self.n_angles, endpoint=False)
         line = radon(mu, theta=theta, circle=False) * self.pixel_mm

@@ -46,6 +46,13 @@ def pad_to_multiple(x: torch.Tensor, factor: int) -> torch.Tensor:
     return F.pad(x, pad, mode="reflect") if any(pad) else x
 
 
+def run_padded(fn, x: torch.Tensor, factor: int) -> torch.Tensor:
+    """``fn`` on ``x`` reflect-padded to multiples of ``factor`` (``pad_to_multiple``), its
+    output cropped back to x's H and W: a UNet's size factor for images of any size."""
+    h, w = x.shape[-2:]
+    return fn(pad_to_multiple(x, factor))[..., :h, :w]
+
+
 class ResBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, time_dim: int, dropout: float, use_affine_time: bool):
         super().__init__()
