@@ -3,14 +3,15 @@ and SSIM with the configured sampler, training speed and GPU memory per logging 
 stop on NaN."""
 from __future__ import annotations
 
-import inspect
 import time
 from contextlib import nullcontext
+from typing import Mapping
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from diffusion_modules.diffusion_utils.sampling import SamplingOptions
 from metrics.image_metrics import ImageMetrics
 from models.ddpm_conditioned import ConditionDDPM
 from models.supervised_unet import SupervisedUNet
@@ -57,8 +58,8 @@ class ValidationScores(pl.Callback):
     is denoised on its own by ``pl_module.denoise(noisy, **sampling)`` with the EMA weights,
     ``sigma`` set to the image's ``batch["sigma"]`` when ``t_start`` is ``"auto"`` (as the
     evaluation does), and one ``torch.Generator`` seeded with ``seed`` for all images, so
-    the values are reproducible. ``sampling`` is the run config's ``sampling`` section, the
-    keys ``denoise`` does not take left out (``return_std`` is never asked for).
+    the values are reproducible. ``sampling`` is the run config's ``sampling`` section
+    (``SamplingOptions``, checked when the callback is made).
 
     Scores: ``metrics.image_metrics.ImageMetrics`` on the [0, 1] scale (data range 1), the
     clean image (x_prior + 1) / 2 against the prediction (y + 1) / 2 clipped to [0, 1],
@@ -70,11 +71,11 @@ class ValidationScores(pl.Callback):
     available to callbacks of the other ranks (e.g. a ``ModelCheckpoint`` monitor).
     """
 
-    def __init__(self, sampling: dict | None = None, n_images: int = 8, seed: int = 0):
+    def __init__(self, sampling: Mapping | None = None, n_images: int = 8, seed: int = 0):
         super().__init__()
         if n_images < 1:
             raise ValueError(f"n_images must be >= 1, got {n_images}")
-        self.sampling = {k: v for k, v in dict(sampling or {}).items() if k != "return_std"}
+        self.options = SamplingOptions.from_mapping(sampling)
         self.n_images, self.seed = n_images, seed
         self.batch: dict[str, torch.Tensor] | None = None
 
@@ -95,16 +96,14 @@ class ValidationScores(pl.Callback):
 
     def scores(self, pl_module) -> dict:
         """{"psnr", "ssim"}: means over the fixed batch of ``ImageMetrics.image_scores``."""
-        params = inspect.signature(pl_module.denoise).parameters
-        sampling = {k: v for k, v in self.sampling.items() if k in params}
+        diffusion = isinstance(pl_module, ConditionDDPM)  # the U-Net's denoise takes no sampling options
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        if "generator" in params:
-            sampling["generator"] = generator
+        sampling = {**self.options.as_kwargs(), "generator": generator} if diffusion else {}
         preds = []
         with getattr(pl_module, "ema_scope", nullcontext)():
             for i, noisy in enumerate(self.batch["x_cond"]):
                 kw = dict(sampling)
-                if kw.get("t_start") == "auto" and "sigma" in self.batch:
+                if diffusion and self.options.t_start == "auto" and "sigma" in self.batch:
                     kw["sigma"] = float(self.batch["sigma"][i])
                 preds.append(pl_module.denoise(noisy[None].to(pl_module.device), **kw).float().cpu())
         pred01 = from_model_units(torch.cat(preds)).clamp(0, 1)

@@ -2,7 +2,7 @@
 
 ``model`` and ``data`` are checked by their targets' signatures (utils.initialize_configs);
 this module checks the other sections: ``trainer`` against ``lightning.Trainer``,
-``sampling`` against ``ConditionDDPM.denoise``, ``logging`` and ``evaluation`` against the
+``sampling`` as ``SamplingOptions``, ``logging`` and ``evaluation`` against the
 keys the orchestration reads, each ``evaluation.methods`` entry against what builds the
 method (``check_methods``), the DenoisingDataModule's sizes against 1. A misspelt key names
 the close matches; a value of the wrong type names the key and the expected type. Names that become file or folder names
@@ -18,14 +18,14 @@ import lightning.pytorch as pl
 from omegaconf import OmegaConf
 
 from diffusion_modules.diffusion_utils.noise import NOISE_TYPES
+from diffusion_modules.diffusion_utils.sampling import SamplingOptions
 from evaluation.denoisers import DENOISER_TYPES, BM3DDenoiser, NLMDenoiser, NoisyInput
-from models.ddpm_conditioned import ConditionDDPM
 from models.supervised_unet import SupervisedUNet
+from utils.config_keys import NUMBER, check_keys
 from utils.initialize_configs import ConfigError
 from utils.paths import check_name
 
 PATH = str  # a file path in a config (relative to the repository root)
-NUMBER = (int, float)
 #: key -> accepted types (None: null allowed) of the sections the orchestration reads itself
 LOGGING = {"save_dir": (PATH,), "name": (str,), "logger": (str,), "wandb_sync": (bool,), "project": (str,),
            "checkpoint_every_n_steps": (int,), "image_every_n_steps": (int,)}
@@ -35,10 +35,6 @@ EVALUATION = {"enabled": (bool,), "sigmas": (list,), "levels": (list,), "noise_s
               "noise_params": (dict, None), "max_slices_per_source": (int, None), "n_examples": (int,),
               "save_predictions": (bool,), "unet_config": (PATH, None), "unet_ckpt": (PATH, None),
               "pretrained_ddpm": (PATH, None), "methods": (list,), "test_volumes": (list, None)}
-#: types of the ConditionDDPM.denoise arguments a sampling section may set
-SAMPLING_TYPES = {"sampler": (str,), "steps": (int, None), "eta": (*NUMBER, None), "spacing": (str, None),
-                  "n_samples": (int,), "guidance_scale": NUMBER, "t_start": (int, str, None),
-                  "sigma": (*NUMBER, None), "return_std": (bool,), "batch_size": (int,)}
 #: lightning.Trainer arguments whose values are plain numbers or flags
 TRAINER_TYPES = {"max_steps": (int,), "max_epochs": (int, None), "min_steps": (int, None),
                  "log_every_n_steps": (int, None), "check_val_every_n_epoch": (int, None),
@@ -64,32 +60,10 @@ def _parameters(func, *skip: str) -> set:
 
 def _method_params() -> dict:
     """type -> the ``params`` a method of that type takes: the constructor's arguments of the
-    baselines, ``denoise()``'s of the models (``noisy`` and ``generator`` excepted)."""
+    baselines, the U-Net's ``denoise()``'s (a ddpm method's are ``SamplingOptions``)."""
     return {"noisy": _parameters(NoisyInput.__init__, "name"), "nlm": _parameters(NLMDenoiser.__init__, "name"),
             "bm3d": _parameters(BM3DDenoiser.__init__, "name"),
-            "ddpm": _parameters(ConditionDDPM.denoise, "noisy", "generator"),
             "unet": _parameters(SupervisedUNet.denoise, "noisy")}
-
-
-def _type_name(types) -> str:
-    return " or ".join("null" if t is None else t.__name__ for t in types)
-
-
-def _check_keys(section: dict, allowed, types: dict, path: str) -> None:
-    for key, value in section.items():
-        if key not in allowed:
-            close = difflib.get_close_matches(str(key), list(allowed), n=3)
-            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ConfigError(f"{path}.{key}: unknown key{hint} (known: {', '.join(sorted(allowed))})")
-        accepted = types.get(key)
-        if accepted is None:
-            continue
-        ok = (value is None and None in accepted) or any(
-            t is not None and isinstance(value, t) and not (t in (int, float) and isinstance(value, bool))
-            for t in accepted)
-        if not ok:
-            raise ConfigError(f"{path}.{key}: expected {_type_name(accepted)}, got {value!r} "
-                              f"({type(value).__name__})")
 
 
 def _check_volume_names(plain: dict) -> None:
@@ -110,25 +84,29 @@ def _unknown_value(key: str, value, known) -> ConfigError:
     return ConfigError(f"{key}: {value!r} is not one of {', '.join(known)}{hint}")
 
 
-def check_methods(methods) -> None:
+def check_methods(methods, sampling=None) -> None:
     """ConfigError naming the entry of ``evaluation.methods`` with an unknown key, type,
     ``sigma`` mode or ``params`` key (what evaluation.denoisers.build_denoiser and the model's
-    ``denoise`` would refuse only after training), or a repeated method name."""
+    ``denoise`` would refuse only after training), or a repeated method name; a ddpm method's
+    params are checked as the ``SamplingOptions`` they make with the run's ``sampling``."""
     if methods is None:
         return
     accepted, names = _method_params(), []
+    base = SamplingOptions.from_mapping(sampling)
     for i, entry in enumerate(methods):
         where = f"evaluation.methods[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: expected a mapping with keys {', '.join(METHOD)}, got {entry!r}")
-        _check_keys(entry, METHOD, METHOD, where)
+        check_keys(entry, METHOD, METHOD, where)
         kind = entry.get("type")
         if kind not in DENOISER_TYPES:
             raise _unknown_value(f"{where}.type", kind, DENOISER_TYPES)
         if entry.get("sigma", "known") not in ("known", "estimate"):
             raise _unknown_value(f"{where}.sigma", entry["sigma"], ("known", "estimate"))
-        _check_keys(entry.get("params") or {}, accepted[kind], SAMPLING_TYPES if kind == "ddpm" else {},
-                    f"{where}.params")
+        if kind == "ddpm":
+            base.updated(entry.get("params"), f"{where}.params")
+        else:
+            check_keys(entry.get("params") or {}, accepted[kind], {}, f"{where}.params")
         names.append(str(entry.get("name") or kind))
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
@@ -186,22 +164,21 @@ def check_run_config(cfg) -> None:
             raise ConfigError(f"{name}: expected a mapping, got {type(section).__name__}")
     trainer_args = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "logger", "callbacks",
                                                                               "default_root_dir"}
-    _check_keys(plain.get("trainer") or {}, trainer_args, TRAINER_TYPES, "trainer")
-    denoise_args = set(inspect.signature(ConditionDDPM.denoise).parameters) - {"self", "noisy", "generator"}
-    _check_keys(plain.get("sampling") or {}, denoise_args, SAMPLING_TYPES, "sampling")
+    check_keys(plain.get("trainer") or {}, trainer_args, TRAINER_TYPES, "trainer")
+    SamplingOptions.from_mapping(plain.get("sampling"), "sampling")
     log = plain.get("logging") or {}
     if "wandb" in log:  # the key of earlier versions: say what replaced it
         raise ConfigError("logging.wandb: replaced by logging.logger: wandb | tensorboard | csv "
                           "(logging.wandb: false is now logging.logger: csv)")
-    _check_keys(log, LOGGING, LOGGING, "logging")
+    check_keys(log, LOGGING, LOGGING, "logging")
     if log.get("logger", "wandb") not in LOGGERS:
         raise ConfigError(f"logging.logger: {log['logger']!r} is not one of {', '.join(LOGGERS)}")
     check_name(log.get("name", "run"), "logging.name")
     evaluation = plain.get("evaluation") or {}
-    _check_keys(evaluation, EVALUATION, EVALUATION, "evaluation")
+    check_keys(evaluation, EVALUATION, EVALUATION, "evaluation")
     if evaluation.get("noise_type", "gaussian") not in NOISE_TYPES:
         raise _unknown_value("evaluation.noise_type", evaluation["noise_type"], tuple(NOISE_TYPES))
-    check_methods(evaluation.get("methods"))
+    check_methods(evaluation.get("methods"), plain.get("sampling"))
     _check_volume_names(plain)
     _check_data_params(plain)
     if not isinstance(plain.get("seed", 0), int) or isinstance(plain.get("seed", 0), bool):

@@ -3,7 +3,6 @@ test volumes, denoisers, ``evaluate``."""
 from __future__ import annotations
 
 import hashlib
-import inspect
 import shutil
 import tempfile
 import warnings
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 
 from diffusion_modules.diffusion_utils.datamodule import infer_modality, volume_entry
+from diffusion_modules.diffusion_utils.sampling import SamplingOptions
 from evaluation.denoisers import build_denoiser, plain_dict
 from evaluation.loop import evaluate
 from evaluation.reporting import UNSEEN
@@ -269,18 +269,17 @@ def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> 
         unseen = [s for s in unseen if s["modality"] == "ct"]
     slices += unseen
 
-    sampling = plain_dict(cfg.get("sampling") or {})
+    sampling = SamplingOptions.from_mapping(plain_dict(cfg.get("sampling") or {}))
     denoisers = []
-    for entry in ev["methods"]:
+    for i, entry in enumerate(ev["methods"]):
         kind = entry.get("type")
         key = entry.get("model", kind)
         if kind in ("ddpm", "unet") and models.get(key) is None:
             warnings.warn(f"skipping method {entry.get('name')!r}: no {key!r} model given")
             continue
-        if kind == "ddpm":  # sampling defaults the model's denoise() takes (an unconditional DDPM has no guidance)
-            accepted = inspect.signature(models[key].denoise).parameters
-            defaults = {k: v for k, v in sampling.items() if k in accepted}
-            entry = {**entry, "params": {**defaults, **(entry.get("params") or {})}}
+        if kind == "ddpm":  # the run's sampling options, a method's own params winning
+            options = sampling.updated(entry.get("params"), f"evaluation.methods[{i}].params")
+            entry = {**entry, "params": options.as_kwargs()}
         denoisers.append(build_denoiser(entry, models, device=device))
 
     return evaluate(

@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from diffusion_modules.diffusion_utils.sampling import SamplingOptions
 from metrics.image_metrics import ImageMetrics
 from models.ddpm_conditioned import ConditionDDPM
 from models.ddpm_st_diffusion import DDPM
@@ -189,10 +190,10 @@ def test_build_trainer_scores_with_the_run_configs_sampling_section(tmp_path):
     cfg = OmegaConf.create({"sampling": SAMPLING, "logging": {"logger": "csv"},
                             "trainer": {"accelerator": "cpu", "enable_progress_bar": False}})
     found = [c for c in build_trainer(cfg, tmp_path).callbacks if isinstance(c, ValidationScores)]
-    assert len(found) == 1 and found[0].sampling == SAMPLING and found[0].n_images == 8
+    assert len(found) == 1 and found[0].options == SamplingOptions(**SAMPLING) and found[0].n_images == 8
     cfg = OmegaConf.create({"logging": {"logger": "csv"}, "trainer": {"accelerator": "cpu"}})
     found = [c for c in build_trainer(cfg, tmp_path).callbacks if isinstance(c, ValidationScores)]
-    assert len(found) == 1 and found[0].sampling == {}  # no section: denoise()'s own defaults
+    assert len(found) == 1 and found[0].options == SamplingOptions()  # no section: denoise()'s own defaults
 
 
 class RecordingScores(ValidationScores):

@@ -28,6 +28,12 @@ def test_shipped_configs_pass(path):
     ("logging.wandb_sync=maybe", r"logging\.wandb_sync: expected bool, got 'maybe'"),
     ("evaluation.noise_seed=1.5", r"evaluation\.noise_seed: expected int, got 1\.5"),
     ("seed=zero", r"seed: expected int"),
+    ("sampling.eta=1.5", r"sampling: eta must lie in \[0, 1\]"),
+    ("sampling.t_start=matched", r"sampling: t_start must be null, an int or 'auto'"),
+    ("sampling.return_std=true", r"sampling\.return_std: unknown key"),  # per call, not an option
+    # a method's params make one SamplingOptions with the run's sampling section
+    ("evaluation.methods.6.params.eta=2.0", r"evaluation\.methods\[6\]\.params: eta must lie in \[0, 1\]"),
+    ("sampling.sampler=ddpm", r"sampling: sampler='ddpm' runs every timestep and takes no steps, eta"),
 ])
 def test_bad_keys_and_types_are_named(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -49,7 +49,8 @@ class Recording(Denoiser):
 class FakeDDPM(torch.nn.Module):
     """Identity in [-1,1] with a constant std map, like a mean of K samples."""
 
-    def denoise(self, noisy, n_samples=1, t_start=None, sigma=None, return_std=False):
+    def denoise(self, noisy, n_samples=1, t_start=None, sigma=None, return_std=False, **sampling):
+        """``sampling``: the other SamplingOptions keywords a ddpm method passes."""
         if return_std:
             return noisy.clone(), torch.full_like(noisy, 0.1)
         return noisy.clone()

@@ -139,6 +139,8 @@ def test_both_diffusion_models_take_every_sampling_option():
     for cls in (DDPM, ConditionDDPM):
         params = set(inspect.signature(cls.denoise).parameters) - {"self", "noisy", "sigma", "return_std", "generator"}
         assert params == names, cls.__name__
+        defaults = {k: p.default for k, p in inspect.signature(cls.denoise).parameters.items() if k in names}
+        assert defaults == SamplingOptions().as_kwargs(), cls.__name__  # passing every option changes nothing
     uncond = DDPM(unet_rosinality_config={**UNET, "params": {**UNET["params"], "in_channel": 1}}, timesteps=100)
     y = torch.rand(1, 1, 8, 8) * 2 - 1
     opts = SamplingOptions(steps=2, t_start="auto")
