@@ -36,7 +36,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 RUN_SECTIONS = ("seed", "model", "data", "trainer", "sampling", "logging", "evaluation", "allow_targets", "init_from")
 
 #: This project's packages: any class under them may be a target.
-PROJECT_PACKAGES = ("utils", "diffusion_modules", "models", "metrics", "orchestration")
+PROJECT_PACKAGES = ("utils", "diffusion_modules", "models", "metrics", "evaluation", "orchestration")
 #: Framework packages: their classes may be targets if they subclass one of _framework_bases().
 FRAMEWORK_PACKAGES = ("torch", "lightning", "pytorch_lightning")
 
