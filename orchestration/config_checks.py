@@ -114,7 +114,8 @@ def check_methods(methods, sampling=None) -> None:
 
 
 def check_evaluation_ready(ev, model_keys=None) -> None:
-    """ConfigError unless the ``evaluation`` section can be run: noise levels (``levels``,
+    """After ``check_run_config`` (which checks each method): ConfigError unless the
+    ``evaluation`` section can be run: noise levels (``levels``,
     else ``sigmas``: a non-empty list of numbers >= 0) and a non-empty ``methods`` list;
     with ``model_keys``, every method's ``model`` must be one of them (the main job can load
     no other, so a misspelt key would silently skip the method)."""
@@ -129,7 +130,6 @@ def check_evaluation_ready(ev, model_keys=None) -> None:
     methods = plain.get("methods")
     if not methods:
         raise ConfigError("evaluation.methods: required, a non-empty list of methods to score")
-    check_methods(methods)
     for i, entry in enumerate(methods):
         if model_keys is not None and entry.get("type") in ("ddpm", "unet"):
             if entry.get("model", entry["type"]) not in model_keys:

@@ -223,7 +223,7 @@ def checked_test_volumes(cfg) -> list[dict]:
     return tests
 
 
-def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> dict:
+def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None, tests: list | None = None) -> dict:
     """Config -> test slices -> denoisers -> ``evaluate``.
 
     cfg: run config with ``data`` ({target, params} of the data module) and
@@ -243,6 +243,8 @@ def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> 
     models: loaded models by key ("ddpm", "unet", "ddpm_pretrained", ...); methods whose
       model is missing or None are skipped with a warning.
     device: where models run (default cuda if available, else cpu).
+    tests: ``checked_test_volumes(cfg)`` when the caller has already checked them (the main
+      job, before training), so the volumes are not read and compared twice.
     """
     ev = cfg.get("evaluation") if hasattr(cfg, "get") else None
     if ev is None:
@@ -255,7 +257,7 @@ def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None) -> 
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     noise_type = str(ev.get("noise_type", "gaussian"))
-    tests = checked_test_volumes(cfg)
+    tests = checked_test_volumes(cfg) if tests is None else tests
 
     datamodule = instantiate_from_configs(cfg["data"], "data", allow_targets=cfg.get("allow_targets"))
     datamodule.prepare_data()

@@ -55,8 +55,8 @@ def prepare_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
     input writes nothing: every config key (evaluation methods included), the ``resume`` and
     ``init_from`` checkpoints against the model built from the config, the data module
     built and its volume files present, the U-Net baseline's config, the shipped models and
-    the test volumes of the evaluation. Returns ``built`` (model, datamodule), ``evaluate``
-    and the loaded ``models``."""
+    the test volumes of the evaluation. Returns ``built`` (model, datamodule), ``evaluate``,
+    the loaded ``models`` and the checked test volumes ``tests``."""
     check_run_config(cfg)  # every key, before anything is written
     ckpt = None
     if resume is not None:
@@ -70,16 +70,16 @@ def prepare_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
     del ckpt
     ev = cfg.get("evaluation")
     evaluate = ev is not None and ev.get("enabled", True)
-    models = {}
+    models, tests = {}, None
     if evaluate:
         check_evaluation_ready(ev, model_keys=MAIN_JOB_MODEL_KEYS)
         models = pretrained_models(ev, cfg.get("allow_targets"))  # a missing checkpoint fails before training
-        checked_test_volumes(cfg)  # a test volume that is also a training volume fails before training
+        tests = checked_test_volumes(cfg)  # a test volume that is also a training volume fails before training
         if ev.get("unet_config") and not isinstance(built[0], SupervisedUNet):
             ucfg = load_config(resolve_path(ev.unet_config))
             check_run_config(ucfg)
             validate_target_config(ucfg.model, "model", allow_targets=cfg.get("allow_targets"))
-    return {"built": built, "evaluate": evaluate, "models": models}
+    return {"built": built, "evaluate": evaluate, "models": models, "tests": tests}
 
 
 def run_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
@@ -108,7 +108,7 @@ def run_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
     models["unet" if isinstance(model, SupervisedUNet) else "ddpm"] = model.eval()
     if ev.get("unet_config") and not isinstance(model, SupervisedUNet):
         models["unet"] = train_unet_baseline(cfg, run_dir)
-    outputs = run_evaluation(cfg, models, out_dir=run_dir / "evaluation")
+    outputs = run_evaluation(cfg, models, out_dir=run_dir / "evaluation", tests=job["tests"])
     result.update(outputs)
     print(f"run folder:  {run_dir}\ncheckpoint:  {ckpt}\nconfig:      {run_dir / 'config.yaml'}")
     for key in ("results_md", "scores_csv", "plot_png", "examples_png", "predictions_dir"):

@@ -20,7 +20,6 @@ import sys
 
 from utils.initialize_configs import load_config
 from orchestration.cli import user_error_boundary
-from orchestration.config_checks import check_run_config
 from orchestration.run_job import run_job
 
 
@@ -34,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
-    check_run_config(cfg)
+    cfg = load_config(args.config, args.overrides)  # run_job checks it before anything is written
     try:
         run_job(cfg, resume=args.resume)
     except FloatingPointError as err:  # NaN/inf loss or gradient (orchestration.callbacks.NonFiniteGuard)

@@ -13,6 +13,8 @@ import pytest
 import tifffile
 from omegaconf import OmegaConf
 
+from orchestration import config_checks, evaluation_job, run_job
+
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED = ROOT / "run_scripts" / "configs" / "ddpm-cond" / "bundled_ct_mr.yaml"
 UNET_BUNDLED = ROOT / "run_scripts" / "configs" / "unet" / "bundled_ct_mr_unet.yaml"
@@ -89,11 +91,34 @@ def main_job(tmp_path_factory):
         "evaluation.max_slices_per_source=1", "evaluation.sigmas=[0.1]", "evaluation.pretrained_ddpm=null", "evaluation.unet_ckpt=null",
         "evaluation.n_examples=1", "sampling.steps=2",
     ] + [f"trainer.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in TRAINER.items()]
-    script = load_script("dm4mi_conditional", "dm4mi-conditional.py")
-    assert script.main(["--config", str(config_path), *overrides]) == 0
+    calls = {"check_run_config": [], "checked_test_volumes": 0}
+    check_run_config, checked_test_volumes = run_job.check_run_config, run_job.checked_test_volumes
+
+    def counting_check(cfg):
+        calls["check_run_config"].append(cfg.logging.name)
+        return check_run_config(cfg)
+
+    def counting_tests(cfg):
+        calls["checked_test_volumes"] += 1
+        return checked_test_volumes(cfg)
+
+    with pytest.MonkeyPatch.context() as mp:  # the script is loaded inside: it sees the counters too
+        for module in (config_checks, run_job):
+            mp.setattr(module, "check_run_config", counting_check)
+        for module in (run_job, evaluation_job):
+            mp.setattr(module, "checked_test_volumes", counting_tests)
+        script = load_script("dm4mi_conditional", "dm4mi-conditional.py")
+        assert script.main(["--config", str(config_path), *overrides]) == 0
     runs = sorted((tmp / "runs").glob("tiny-*"))
     assert len(runs) == 1, runs
-    return {"tmp": tmp, "run": runs[0], "config": config_path, "overrides": overrides}
+    return {"tmp": tmp, "run": runs[0], "config": config_path, "overrides": overrides, "calls": calls}
+
+
+def test_the_job_checks_its_config_and_test_volumes_once(main_job):
+    """check_run_config once for the run (and once for the U-Net baseline's config), the test
+    volumes (read and compared with the training volumes, voxels included) once, before training."""
+    assert main_job["calls"]["check_run_config"].count("tiny") == 1
+    assert main_job["calls"]["checked_test_volumes"] == 1
 
 
 def read_scores(path: Path) -> list[dict]:
