@@ -2,7 +2,6 @@
 test volumes, denoisers, ``evaluate``."""
 from __future__ import annotations
 
-import hashlib
 import shutil
 import tempfile
 import warnings
@@ -20,7 +19,7 @@ from utils.initialize_configs import instantiate_from_configs
 from utils.intensity import MODALITIES, check_modality, normalize
 from utils.paths import resolve_path
 from utils.planes import ACQUISITION, PLANES, acquisition_plane, cut_plane
-from utils.volume_io import is_nifti, load_volume, source_stem, voxel_fingerprint
+from utils.volume_io import file_sha256, is_nifti, load_volume, source_stem, voxel_fingerprint
 
 PYDICOM_PREFIX = "pydicom:"  # pydicom:CT_small.dcm = a test file shipped inside the pydicom package
 TEST_VOLUME_KEYS = ("path", "modality", "name", "label", "max_slices", "plane")
@@ -112,14 +111,6 @@ def _files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else []
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _voxel_shape(path: Path):
     """The sorted voxel counts of a NIfTI file from its header (the RAS array's axes are a
     permutation of them; a trailing axis of 1 dropped), None when unknown without loading."""
@@ -148,7 +139,7 @@ def refuse_training_volumes(tests, train_paths) -> None:
 
     def digest(f):
         if f not in digests:
-            digests[f] = _sha256(f)
+            digests[f] = file_sha256(f)
         return digests[f]
 
     for t in tests:

@@ -32,6 +32,11 @@ def _file_sha256(path: Path) -> bytes:
     return digest.digest()
 
 
+def file_sha256(path) -> str:
+    """sha256 (hex) of a file's bytes, read in 1 MiB blocks."""
+    return _file_sha256(Path(path)).hex()
+
+
 def source_fingerprint(inputpath) -> str:
     """sha256 (hex) of a volume's content, whatever its files' times: the bytes of a file;
     for a DICOM series folder, every file's path relative to the folder and the sha256 of
