@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from diffusion_modules.diffusion_utils.manifest import expand_volumes
 from models.supervised_unet import SupervisedUNet
 from orchestration.checkpoints import pretrained_models, read_checkpoint
 from orchestration.cli import USER_ERRORS
@@ -42,12 +43,11 @@ def remove_run_dir(run_dir: Path, save_dir_existed: bool) -> None:
 
 
 def check_training_volumes(cfg: DictConfig) -> None:
-    """FileNotFoundError naming the entry of ``data.params.volumes`` whose file is missing."""
+    """FileNotFoundError naming the entry of ``data.params.volumes`` whose file is missing, a
+    ValueError naming the glob or manifest rows that are wrong (manifest.expand_volumes)."""
     volumes = ((cfg.get("data") or {}).get("params") or {}).get("volumes") or []
-    for i, entry in enumerate([volumes] if isinstance(volumes, (str, Path)) else volumes):
-        path = entry.get("path") if hasattr(entry, "get") else entry
-        if path is not None and not resolve_path(path).exists():
-            raise FileNotFoundError(f"data.params.volumes[{i}]: volume not found: {resolve_path(path)}")
+    if volumes:
+        expand_volumes(volumes, must_exist=True)
 
 
 def prepare_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
@@ -66,8 +66,6 @@ def prepare_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
     if cfg.get("init_from") and not resolve_path(cfg.init_from).is_file():
         raise FileNotFoundError(f"init_from: checkpoint not found: {resolve_path(cfg.init_from)}")
     check_training_volumes(cfg)
-    built = build_run(cfg, resume, ckpt)  # the model of another width than init_from's / resume's is refused here
-    del ckpt
     ev = cfg.get("evaluation")
     evaluate = ev is not None and ev.get("enabled", True)
     models, tests = {}, None
@@ -75,10 +73,15 @@ def prepare_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
         check_evaluation_ready(ev, model_keys=MAIN_JOB_MODEL_KEYS)
         models = pretrained_models(ev, cfg.get("allow_targets"))  # a missing checkpoint fails before training
         tests = checked_test_volumes(cfg)  # a test volume that is also a training volume fails before training
-        if ev.get("unet_config") and not isinstance(built[0], SupervisedUNet):
-            ucfg = load_config(resolve_path(ev.unet_config))
-            check_run_config(ucfg)
-            validate_target_config(ucfg.model, "model", allow_targets=cfg.get("allow_targets"))
+    # Last, so that nothing draws from the random generators between the seeding and the model's
+    # initialisation in build_run and the training (loading the shipped models above does): the
+    # run trains exactly as train(cfg) alone would. The model of another width than init_from's /
+    # resume's is refused here.
+    built = build_run(cfg, resume, ckpt)
+    if evaluate and ev.get("unet_config") and not isinstance(built[0], SupervisedUNet):
+        ucfg = load_config(resolve_path(ev.unet_config))
+        check_run_config(ucfg)
+        validate_target_config(ucfg.model, "model", allow_targets=cfg.get("allow_targets"))
     return {"built": built, "evaluate": evaluate, "models": models, "tests": tests}
 
 

@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import tifffile
+import torch
 from omegaconf import OmegaConf
 
 from orchestration import config_checks, evaluation_job, run_job
@@ -295,3 +296,19 @@ def test_missing_shipped_checkpoint_fails_before_training(main_job):
                      f"evaluation.pretrained_ddpm={main_job['tmp'] / 'missing_model.ckpt'}"])
     assert info.value.code == 2
     assert not list((main_job["tmp"] / "runs").glob("missing-*"))
+
+
+def test_preparing_the_evaluation_leaves_the_training_random_state_alone(main_job):
+    """Loading the shipped models draws from torch's generator (their UNets are initialised
+    before their weights load): done after the seeding, it changed what the run trained. The
+    generators after prepare_job must be those after build_run alone."""
+    from orchestration.training import build_run
+    from utils.initialize_configs import load_config
+
+    cfg = load_config(main_job["config"], [*main_job["overrides"],
+                                           "evaluation.pretrained_ddpm=pretrained/cdm4mi_bundled_ct_mr.ckpt"])
+    build_run(cfg)
+    alone = torch.get_rng_state(), np.random.get_state()[1].copy()
+    job = run_job.prepare_job(cfg)
+    assert "ddpm_pretrained" in job["models"]
+    assert torch.equal(torch.get_rng_state(), alone[0]) and np.array_equal(np.random.get_state()[1], alone[1])
