@@ -1,7 +1,9 @@
 """Conditional DDPM for denoising: the UNet sees cat([x_t, x_cond]).
 
 Batches are dicts with ``x_cond`` (noisy image) and ``x_prior`` (clean image), both in
-model units [-1, 1]. A noise level ``sigma`` is always the std on the [0, 1] image scale,
+model units [-1, 1]. With ``context_slices`` k > 0 (2.5D) ``x_cond`` is the noisy stack
+(B, 1 + 2k, H, W) of the slice and its k neighbours on each side, the slice first
+([z, z-k, ..., z-1, z+1, ..., z+k]); the UNet then sees cat([x_t, stack]) (in_channel 2 + 2k). A noise level ``sigma`` is always the std on the [0, 1] image scale,
 i.e. 2*sigma in model units.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ from typing import Mapping
 
 import torch
 
+from diffusion_modules.diffusion_utils.context import check_context_slices
 from diffusion_modules.diffusion_utils.gaussian_diffusion import extract
 from models.ddpm_st_diffusion import DDPM
 
@@ -34,17 +37,22 @@ class ConditionDDPM(DDPM):
     ``p_matched_start``: fraction of training examples whose x_t is the matched-start pair
     x_t = sqrt(a_bar_t*) x_cond at t* of the example's ``sigma`` (``matched_start_pairs``), so
     that denoising from the matched start (``start_noise="condition"``) is in distribution.
+
+    ``context_slices`` k: the condition is the noisy slice and its k neighbours on each side
+    (module docstring; the UNet's ``in_channel`` must be (2 + 2k) * channels). The null
+    condition covers the whole stack; the matched start takes the slice alone.
     """
 
     unet_input_images = 2
 
     def __init__(self, *args, conditioning_key: str = "concat", p_uncond: float = 0.0,
-                 p_matched_start: float = 0.0, **kwargs):
+                 p_matched_start: float = 0.0, context_slices: int = 0, **kwargs):
         if conditioning_key != "concat":
             raise ValueError(f"conditioning_key '{conditioning_key}' unsupported; only 'concat' is implemented")
         for name, p in (("p_uncond", p_uncond), ("p_matched_start", p_matched_start)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must lie in [0, 1], got {p}")
+        self.context_slices = check_context_slices(context_slices)  # read by check_unet_input
         super().__init__(*args, **kwargs)
         self.p_uncond = p_uncond
         self.p_matched_start = p_matched_start
@@ -54,6 +62,12 @@ class ConditionDDPM(DDPM):
 
     def chain_condition(self, noisy: torch.Tensor) -> torch.Tensor:
         return noisy
+
+    def setup(self, stage: str) -> None:
+        """Refuse to fit on data whose stacks are not this model's (``context_slices``)."""
+        check_data = getattr(getattr(self._trainer, "datamodule", None), "check_model", None)
+        if check_data is not None:
+            check_data(self)
 
     def apply_model(self, x_t, t, cond=None):
         if cond is None:
@@ -92,7 +106,9 @@ class ConditionDDPM(DDPM):
         ``p_matched_start`` unless its sigma is 0 or its t* lies above ``max_train_timestep``;
         a picked one gets t = t*(sigma) and x_t = sqrt(a_bar_t*) y, its noise then being
         (x_t - sqrt(a_bar) x0) / sqrt(1 - a_bar), so every parameterization's target matches
-        x_t; the others keep t and x_t = q_sample(x0, t, fresh noise)."""
+        x_t; the others keep t and x_t = q_sample(x0, t, fresh noise). ``y``: the noisy
+        condition, whose slice itself (its first ``channels`` channels) makes x_t."""
+        y = y[:, : self.channels]
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x0.device).reshape(-1).expand(x0.shape[0])
         t_star = self.diffusion.noise_to_timesteps(2 * sigma)
         top = self.num_timesteps - 1 if self.max_train_timestep is None else self.max_train_timestep
@@ -121,7 +137,8 @@ class ConditionDDPM(DDPM):
                eta: float | None = None, spacing: str | None = None, t_start=None, sigma: float | None = None,
                guidance_scale: float = 1.0, generator: torch.Generator | None = None, use_ema: bool = True,
                batch_size: int | None = None, start_noise: str = "condition") -> torch.Tensor:
-        """One clean estimate per condition image (B, channels, H, W) in [-1, 1].
+        """One clean estimate (B, channels, H, W) in [-1, 1] per condition stack (B, channels *
+        (1 + 2 context_slices), H, W).
 
         From pure noise at T-1 by default; with ``t_start`` the chain starts at that timestep
         from the condition scaled by sqrt(alpha_bar) (``"auto"`` matches it to ``sigma``), or
@@ -139,7 +156,8 @@ class ConditionDDPM(DDPM):
             self.check_guidance(0.0)
             shape = (batch_size, self.channels, self.image_size, self.image_size)
             x_T = torch.randn(shape, generator=generator, device=self.device)
-            return self.run_sampler(x_T, torch.zeros(shape, device=self.device), sampler=sampler, steps=steps,
+            stack = (batch_size, self.condition_channels, self.image_size, self.image_size)
+            return self.run_sampler(x_T, torch.zeros(stack, device=self.device), sampler=sampler, steps=steps,
                                     eta=eta, spacing=spacing, guidance_scale=0.0, generator=generator,
                                     use_ema=use_ema)
         if batch_size is not None:
@@ -153,7 +171,8 @@ class ConditionDDPM(DDPM):
                 guidance_scale: float = 1.0, t_start=None, sigma: float | None = None,
                 return_std: bool = False, batch_size: int = 16, generator: torch.Generator | None = None,
                 start_noise: str = "condition"):
-        """Posterior mean of ``n_samples`` clean estimates of ``noisy`` (B, 1, H, W) in [-1, 1].
+        """Posterior mean of ``n_samples`` clean estimates (B, 1, H, W) in [-1, 1] of ``noisy``
+        (B, 1 + 2 context_slices, H, W): the slice, then its neighbours (module docstring).
 
         Samples are drawn ``batch_size`` at a time. With ``return_std`` also returns the
         per-pixel std of the samples (model units; zeros for one sample). ``start_noise``
@@ -180,7 +199,7 @@ class ConditionDDPM(DDPM):
     def log_images(self, batch, n: int = 4, steps: int = 20):
         """Named rows in [-1, 1]: clean, noisy, denoised from the matched start and from pure noise."""
         x0, cond = batch["x_prior"][:n], batch["x_cond"][:n]
-        rows = {"inputs": x0, "conditioning": cond}
+        rows = {"inputs": x0, "conditioning": cond[:, : self.channels]}
         if "sigma" in batch:
             rows["denoised_matched_start"] = self.denoise_matched(cond, batch["sigma"][:n], steps)
         g = torch.Generator(device=self.device).manual_seed(0)

@@ -48,6 +48,8 @@ class DDPM(SafeCheckpointLoading, MatchedStart, pl.LightningModule):
 
     #: images the UNet input concatenates: x_t alone (``ConditionDDPM``: x_t and the condition)
     unet_input_images = 1
+    #: neighbouring slices on each side in the condition (``ConditionDDPM``'s option; none here)
+    context_slices = 0
 
     def __init__(self, unet_rosinality_config: Mapping[str, Any], image_size: int = 64, channels: int = 1,
                  timesteps: int = 1000, beta_schedule: str = "linear", linear_start: float = 1e-4,
@@ -83,13 +85,21 @@ class DDPM(SafeCheckpointLoading, MatchedStart, pl.LightningModule):
     def check_unet_input(self) -> None:
         """Fail at construction, not at sampling, on a UNet of the wrong input width (e.g. an
         unconditional checkpoint loaded with ConditionDDPM, or the other way round)."""
-        got, want = unet_in_channels(self.unet), self.unet_input_images * self.channels
+        k = self.context_slices
+        got, want = unet_in_channels(self.unet), (self.unet_input_images + 2 * k) * self.channels
         if got is None or got == want:
             return
-        what = ("x_t and the condition (in_channel = 2*channels" if self.unet_input_images == 2
-                else "x_t alone (in_channel = channels")
-        hint = ("an unconditional DDPM's UNet? load it with DDPM" if got == self.channels
-                else "a conditional model's UNet? load it with ConditionDDPM" if got == 2 * self.channels else "")
+        what = ("x_t alone (in_channel = channels" if self.unet_input_images == 1
+                else "x_t and the condition (in_channel = 2*channels" if k == 0
+                else f"x_t and the condition stack of 1 + 2*context_slices slices (context_slices={k}: "
+                     "in_channel = (2 + 2*context_slices)*channels")
+        stack, hint = got // self.channels - 2, ""
+        if got == self.channels:
+            hint = "an unconditional DDPM's UNet? load it with DDPM"
+        elif self.unet_input_images == 1 and got >= 2 * self.channels:
+            hint = "a conditional model's UNet? load it with ConditionDDPM"
+        elif got % self.channels == 0 and stack >= 0 and stack % 2 == 0:
+            hint = f"a UNet for context_slices={stack // 2}? set context_slices and in_channel to match"
         raise ValueError(f"{type(self).__name__}'s UNet must take {what} = {want}), but this one takes {got} "
                          f"input channel(s){'; ' + hint if hint else ''}")
 

@@ -9,6 +9,11 @@ picks that t*. For the conditional model the pair (x_t*, y) is not a training pa
 carries exactly the condition's noise. ``start_noise="independent"`` re-draws it: x_t* =
 sqrt(a_bar*) x0_hat + sqrt(1 - a_bar*) eps around the model's first estimate x0_hat (one
 extra network evaluation).
+
+With neighbouring slices (``context_slices`` k > 0, ``ConditionDDPM`` only) the noisy input
+is the stack (B, channels * (1 + 2k), H, W), the slice itself first: the network's condition
+is the whole stack, the matched start and the output are the slice alone (its first
+``channels`` channels).
 """
 from __future__ import annotations
 
@@ -21,6 +26,17 @@ from diffusion_modules.diffusion_utils.sampling import START_NOISES, capped_step
 from diffusion_modules.unet_arch.unet_rosinality import run_padded
 
 
+def check_stack(noisy: torch.Tensor, context_slices: int, channels: int = 1, name: str = "noisy") -> None:
+    """ValueError, naming context_slices and the expected shape, unless ``noisy`` is a
+    (B, channels * (1 + 2 context_slices), H, W) stack."""
+    want, k = channels * (1 + 2 * context_slices), context_slices
+    if noisy.ndim != 4 or noisy.shape[1] != want:
+        what = ("the slice alone" if k == 0 else
+                f"the slice, then its {k} neighbour(s) before and {k} after: [z, z-{k}..z-1, z+1..z+{k}]")
+        raise ValueError(f"{name} must be (B, {want}, H, W) for context_slices={k} ({what}), "
+                         f"got shape {tuple(noisy.shape)}")
+
+
 class MatchedStart:
     """Mixin of ``DDPM``: start timestep, the chain from a noisy image, posterior ensembles.
 
@@ -30,6 +46,11 @@ class MatchedStart:
 
     def chain_condition(self, noisy: torch.Tensor) -> torch.Tensor | None:
         return None
+
+    @property
+    def condition_channels(self) -> int:
+        """Channels of the noisy input: the slice and its 2 * context_slices neighbours."""
+        return self.channels * (1 + 2 * self.context_slices)
 
     def start_timestep(self, t_start, sigma: float | None) -> int | None:
         """Resolve ``t_start``: None, an int, or "auto" (needs sigma on the [0, 1] scale)."""
@@ -63,8 +84,7 @@ class MatchedStart:
         reflect-padded to the UNet's size factor and cropped back. ``name`` names the argument
         in errors."""
         self.check_start_noise(start_noise, t_start)
-        if noisy.ndim != 4 or noisy.shape[1] != self.channels:
-            raise ValueError(f"{name} must be (B, {self.channels}, H, W), got shape {tuple(noisy.shape)}")
+        check_stack(noisy, self.context_slices, self.channels, name)
         h, w = noisy.shape[-2:]
         if min(h, w) < self.unet.size_factor:
             raise ValueError(f"{name} images must be at least {self.unet.size_factor} x {self.unet.size_factor} "
@@ -72,16 +92,16 @@ class MatchedStart:
         t0 = self.start_timestep(t_start, sigma)
         if t0 is not None and t_start == "auto" and float(sigma) == 0:
             warnings.warn("sigma=0: there is no noise to remove; the input is returned unchanged")
-            return noisy.clone()
+            return noisy[:, : self.channels].clone()
         steps = capped_steps(sampler, steps, t0)
 
         def chain(noisy_p):
-            cond = self.chain_condition(noisy_p)
+            cond, image = self.chain_condition(noisy_p), noisy_p[:, : self.channels]  # the slice itself
             if t0 is None:
-                x_T = torch.randn(noisy_p.shape, generator=generator, device=noisy.device, dtype=noisy.dtype)
+                x_T = torch.randn(image.shape, generator=generator, device=noisy.device, dtype=noisy.dtype)
             else:
                 with self.ema_scope() if use_ema else nullcontext():
-                    x_T = matched_start(self.diffusion, noisy_p, t0, start_noise, self.model_fn(cond, guidance_scale),
+                    x_T = matched_start(self.diffusion, image, t0, start_noise, self.model_fn(cond, guidance_scale),
                                         generator)
             return self.run_sampler(x_T, cond, sampler=sampler, steps=steps, eta=eta, spacing=spacing, t_start=t0,
                                     guidance_scale=guidance_scale, generator=generator, use_ema=use_ema)
@@ -110,10 +130,11 @@ class MatchedStart:
             raise ValueError(f"noisy must be (B, C, H, W), got shape {tuple(noisy.shape)}")
         if not torch.isfinite(noisy).all():
             raise ValueError("noisy input contains NaN or inf values")
+        check_stack(noisy, self.context_slices, self.channels)
         noisy = noisy.to(self.device, torch.float32)
         repeated = noisy.repeat_interleave(n_samples, dim=0)
         samples = torch.cat([draw(chunk) for chunk in repeated.split(batch_size)])
-        samples = samples.reshape(noisy.shape[0], n_samples, *noisy.shape[1:])
+        samples = samples.reshape(noisy.shape[0], n_samples, *samples.shape[1:])
         mean = samples.mean(dim=1)
         if return_std:
             return mean, samples.std(dim=1, unbiased=False)

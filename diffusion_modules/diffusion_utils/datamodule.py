@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from diffusion_modules.diffusion_utils.augment import Augmentation
 from diffusion_modules.diffusion_utils.cache import stale_reason
+from diffusion_modules.diffusion_utils.context import check_context_slices
 from diffusion_modules.diffusion_utils.hdf5dataset import HDF5PatchDataset, HDF5SliceDataset, read_meta
 from diffusion_modules.diffusion_utils.noise import build_noise
 from diffusion_modules.diffusion_utils.resumable import ResumableLoader, ResumableSampler
@@ -161,6 +162,10 @@ class DenoisingDataModule(pl.LightningDataModule):
     in_memory: hold the train/val patches in memory (per worker) instead of reading HDF5 per item.
     lowdose_cache: low-dose CT noise realisations kept per training slice (each costs about
         1 s to simulate; more means more varied noise, fewer means faster epochs).
+    context_slices: k noisy neighbouring slices on each side in every ``x_cond`` (train, val,
+        test; the 2.5D condition, see context.py); the model's ``context_slices`` must be the
+        same (``check_model``). With a slab split ``gap`` must be >= k, so that no stack of one
+        slab reads a slice of another.
     """
 
     def __init__(
@@ -180,6 +185,7 @@ class DenoisingDataModule(pl.LightningDataModule):
         seed: int = 0,
         in_memory: bool = False,
         lowdose_cache: int = 4,
+        context_slices: int = 0,
     ):
         super().__init__()
         if volumes is None or isinstance(volumes, (str, Path)) or len(volumes) == 0:
@@ -208,6 +214,11 @@ class DenoisingDataModule(pl.LightningDataModule):
         if int(lowdose_cache) < 1:
             raise ValueError(f"lowdose_cache must be >= 1 noise realisation per slice, got {lowdose_cache}")
         self.lowdose_cache = int(lowdose_cache)
+        self.context_slices = check_context_slices(context_slices)
+        if self.split["mode"] == "slab" and self.split["gap"] < self.context_slices:
+            raise ValueError(f"context_slices={self.context_slices} reads {self.context_slices} slice(s) beyond each "
+                             f"slab, but the slab split's gap is {self.split['gap']}: training stacks would read "
+                             f"val/test slices; set split.gap >= {self.context_slices}")
         self.train_set = self.val_set = self.test_set = None
         several = self.planes != ACQUISITION and len(self.planes) > 1 and not all(v["h5"] for v in self.volumes)
         if several and self.split["mode"] == "slab" and getattr(self.augment, "rescale", None) is not None:
@@ -307,16 +318,27 @@ class DenoisingDataModule(pl.LightningDataModule):
         parts, bounds = self._split()
         self.train_set = HDF5PatchDataset(
             list(parts["train"]), parts["train"], self.noise, noise_seed=None, augment=self.augment,
-            lowdose_cache=self.lowdose_cache, in_memory=self.in_memory)
+            lowdose_cache=self.lowdose_cache, in_memory=self.in_memory, context_slices=self.context_slices)
         keep_patches_inside(self.train_set, bounds, self.image_size)
-        self.val_set = HDF5PatchDataset(list(parts["val"]), parts["val"], self.noise, noise_seed=self.seed, in_memory=self.in_memory)
-        self.test_set = HDF5SliceDataset(list(parts["test"]), parts["test"], self.noise, noise_seed=self.seed)
+        self.val_set = HDF5PatchDataset(list(parts["val"]), parts["val"], self.noise, noise_seed=self.seed,
+                                        in_memory=self.in_memory, context_slices=self.context_slices)
+        self.test_set = HDF5SliceDataset(list(parts["test"]), parts["test"], self.noise, noise_seed=self.seed,
+                                         context_slices=self.context_slices)
         for name, dataset in (("train", self.train_set), ("val", self.val_set)):
             if len(dataset) == 0:
                 raise ValueError(
                     f"the {name} split has no patch with a foreground fraction >= {self.min_foreground}: "
                     "lower min_foreground or change the split"
                 )
+
+    def check_model(self, model) -> None:
+        """ValueError unless ``model.context_slices`` (0 for a model without it) is this data's:
+        a model trained on other stacks than it sees would fail, or learn nothing of them."""
+        model_k = int(getattr(model, "context_slices", 0))
+        if model_k != self.context_slices:
+            raise ValueError(f"the model's context_slices is {model_k} but the data's (data.params.context_slices) "
+                             f"is {self.context_slices}: the model takes a stack of {1 + 2 * model_k} slice(s), the "
+                             f"data gives {1 + 2 * self.context_slices}; set both to the same value")
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

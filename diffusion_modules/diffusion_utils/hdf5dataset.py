@@ -31,6 +31,19 @@ the item's generator. Its voxel-size rescale reads the source window from the wh
 the augmented clean patch gets the noise cropped at the patch's place, with the same
 flips/rot90 but neither rescaled nor intensity-changed: the noise keeps the scanner's
 texture at its level, though it no longer lines up with the (rescaled) anatomy.
+
+Neighbouring slices (``context_slices`` k > 0, the 2.5D condition): ``x_cond`` is the stack
+(1 + 2k, H, W) of the noisy slice z, then z-k, ..., z-1, z+1, ..., z+k (``context_indices``:
+reflected at the first and last slice, z-1 of slice 0 being slice 1), each neighbour the
+same in-plane crop of its slice in ``volume``; ``x_prior`` stays the clean slice z. The
+centre draws its augmentation and noise first, exactly as with k = 0; the neighbours then
+get the same augmentation (one draw for the whole stack, the rescale reading each
+neighbour's own slice) and each its own noise, drawn next from the item's generator (so
+independent, fresh per (seed, epoch, item) in training, fixed by noise_seed for validation
+and test) at the centre's level sigma (``neighbour_noise``). Per-slice noise: neighbour
+channel c takes a realisation of its slice of its own (variant c, seeded as the centre's
+with c appended), independent of the centre's and of the other channels' even where the
+reflection repeats a slice.
 """
 
 import os
@@ -42,6 +55,7 @@ import torch
 from torch.utils.data import Dataset
 
 from diffusion_modules.diffusion_utils.augment import Augmentation
+from diffusion_modules.diffusion_utils.context import check_context_slices, context_indices, neighbour_noise
 from diffusion_modules.diffusion_utils.noise import noise_for_volume
 from utils.create_training_images import UINT16_SCALE
 from utils.intensity import to_model_units
@@ -125,9 +139,10 @@ def read_meta(path: Path) -> dict:
 
 
 def to_item(clean01: np.ndarray, noisy01: np.ndarray, sigma: float, index: int) -> dict:
-    """Batch dict in model units [-1,1]."""
+    """Batch dict in model units [-1,1]; ``noisy01`` (H, W), or a (1 + 2k, H, W) stack."""
+    noisy = np.asarray(noisy01, dtype=np.float32)
     return {
-        "x_cond": torch.from_numpy(to_model_units(np.asarray(noisy01, dtype=np.float32)[None])),
+        "x_cond": torch.from_numpy(to_model_units(noisy[None] if noisy.ndim == 2 else noisy)),
         "x_prior": torch.from_numpy(to_model_units(np.asarray(clean01, dtype=np.float32)[None])),
         "sigma": torch.tensor(sigma, dtype=torch.float32),
         "index": torch.tensor(index, dtype=torch.int64),
@@ -137,7 +152,8 @@ def to_item(clean01: np.ndarray, noisy01: np.ndarray, sigma: float, index: int) 
 class _HDF5Base(Dataset):
     """Shared file handling: sorted files, metadata, lazy per-process handles."""
 
-    def __init__(self, files, slices, noise, noise_seed):
+    def __init__(self, files, slices, noise, noise_seed, context_slices=0):
+        self.context_slices = check_context_slices(context_slices)
         if not files:
             raise ValueError("no HDF5 files given")
         self.files = sorted(Path(f) for f in files)
@@ -180,6 +196,10 @@ class _HDF5Base(Dataset):
             self._handles[key] = self._handles[k][name]
         return self._handles[key]
 
+    def _neighbours(self, k: int, z: int) -> list[int]:
+        """Slice indices of the neighbours of slice z of file k, in channel order (context_indices)."""
+        return context_indices(z, self.context_slices, self.meta[k]["n_slices"])[1:]
+
     def _rng(self, index: int, draw: tuple[int, int] | None = None) -> np.random.Generator:
         """Seeded per item when noise_seed is set; else per (seed, epoch, item) for a keyed
         read (``draw`` = (seed, epoch)), else this process's fresh generator."""
@@ -214,10 +234,12 @@ class HDF5PatchDataset(_HDF5Base):
     lowdose_cache: noise realisations kept per slice for per-slice noise models in training.
     in_memory: read each file's patches into memory once per process (2 bytes per pixel)
     instead of one HDF5 read per item.
+    context_slices: k neighbouring slices on each side in ``x_cond`` (module docstring).
     """
 
-    def __init__(self, files, slices=None, noise=None, noise_seed=None, augment=False, lowdose_cache=4, in_memory=False):
-        super().__init__(files, slices, noise, noise_seed)
+    def __init__(self, files, slices=None, noise=None, noise_seed=None, augment=False, lowdose_cache=4, in_memory=False,
+                 context_slices=0):
+        super().__init__(files, slices, noise, noise_seed, context_slices)
         if noise is None:
             raise ValueError("HDF5PatchDataset needs a noise model (see noise.build_noise)")
         self.augment = Augmentation.from_config(augment)
@@ -233,22 +255,25 @@ class HDF5PatchDataset(_HDF5Base):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _per_slice_noise(self, k: int, z: int, rng: np.random.Generator, draw=None) -> tuple[np.ndarray, float]:
-        """(noise in [0,1] units, sigma) of slice z of file k, cached (see module docstring)."""
+    def _per_slice_noise(self, k: int, z: int, rng: np.random.Generator, draw=None,
+                         variant: int = 0) -> tuple[np.ndarray, float]:
+        """(noise in [0,1] units, sigma) of slice z of file k, cached (see module docstring);
+        ``variant`` c > 0: the realisations of neighbour channel c, seeded with c appended."""
+        extra = (variant,) if variant else ()
         if draw is not None and self.noise_seed is None:  # keyed: realisation j, seeded
             j = int(rng.integers(self.lowdose_cache))
-            key = (k, z, draw[0], j)
+            key = (k, z, draw[0], j, *extra)
             if key not in self._slice_noise:
                 clean = self._data(k, "volume")[z].astype(np.float32) / UINT16_SCALE
-                noisy, sigma = self._noise[k](clean, np.random.default_rng([TRAIN_STREAM, draw[0], k, z, j]))
+                noisy, sigma = self._noise[k](clean, np.random.default_rng([TRAIN_STREAM, draw[0], k, z, j, *extra]))
                 self._slice_noise[key] = (noisy - clean, sigma)
             return self._slice_noise[key]
-        key = (k, z)
+        key = (k, z, *extra)
         cache = self._slice_noise.setdefault(key, [])
         limit = 1 if self.noise_seed is not None else self.lowdose_cache
         if len(cache) < limit:
             clean = self._data(k, "volume")[z].astype(np.float32) / UINT16_SCALE
-            slice_rng = rng if self.noise_seed is None else np.random.default_rng([self.noise_seed, k, z])
+            slice_rng = rng if self.noise_seed is None else np.random.default_rng([self.noise_seed, k, z, *extra])
             noisy, sigma = self._noise[k](clean, slice_rng)
             cache.append((noisy - clean, sigma))
             return cache[-1]
@@ -286,7 +311,8 @@ class HDF5PatchDataset(_HDF5Base):
         z = int(self.meta[k]["slice_index"][row])
         r, c = (int(v) for v in self.meta[k]["origin"][row])
         read = self._reader(k, z, r, c) if self.augment.rescale is not None else None
-        if getattr(self._noise[k], "per_slice", False):
+        per_slice, p = getattr(self._noise[k], "per_slice", False), {}
+        if per_slice:
             noise, sigma = self._per_slice_noise(k, z, rng, draw)
             noise = noise[r : r + clean.shape[0], c : c + clean.shape[1]]
             if self.augment:
@@ -295,19 +321,42 @@ class HDF5PatchDataset(_HDF5Base):
             noisy = clean + noise
         else:
             if self.augment:
-                clean = self.augment(clean, rng, read)
+                p = self.augment.draw(rng, clean.shape)
+                clean = self.augment.apply(clean, p, read)
             noisy, sigma = self._noise[k](clean, rng)
+        if self.context_slices:
+            noisy = np.stack([noisy] + self._context(k, z, r, c, clean.shape, p, rng, draw, sigma, per_slice))
         return to_item(clean, noisy, sigma, index)
+
+    def _context(self, k, z, r, c, shape, p, rng, draw, sigma, per_slice) -> list[np.ndarray]:
+        """The noisy neighbours of the patch at (r, c) of slice z of file k, in channel order,
+        with the centre's augmentation parameters ``p`` and each its own noise (module docstring)."""
+        volume, (h, w) = self._array(k, "volume"), shape
+        level = None if per_slice else neighbour_noise(self._noise[k], sigma)
+        out = []
+        for channel, zn in enumerate(self._neighbours(k, z), start=1):
+            clean = volume[zn, r : r + h, c : c + w].astype(np.float32) / UINT16_SCALE
+            if self.augment:
+                clean = self.augment.apply(clean, p, self._reader(k, zn, r, c) if "f" in p else None)
+            if per_slice:
+                noise, _ = self._per_slice_noise(k, zn, rng, draw, variant=channel)
+                out.append(clean + self.augment.orient(noise[r : r + h, c : c + w], p))
+            else:
+                out.append(level(clean, rng)[0])
+        return out
 
 
 class HDF5SliceDataset(_HDF5Base):
     """Full slices of many HDF5 files (evaluation); slices: optional {file: allowed slice indices}.
 
-    noise=None returns clean-only items (x_cond equals x_prior, sigma 0).
+    noise=None returns clean-only items (x_cond equals x_prior, sigma 0). context_slices: k
+    neighbouring full slices on each side in ``x_cond``, each with its own noise, drawn after
+    the centre's from the item's generator (at the centre's sigma; per-slice models at their
+    own level), as in HDF5PatchDataset.
     """
 
-    def __init__(self, files, slices=None, noise=None, noise_seed=None):
-        super().__init__(files, slices, noise, noise_seed)
+    def __init__(self, files, slices=None, noise=None, noise_seed=None, context_slices=0):
+        super().__init__(files, slices, noise, noise_seed, context_slices)
         self.items = [(k, int(z)) for k in range(len(self.files)) for z in self._allowed(k)]
 
     def __len__(self) -> int:
@@ -322,10 +371,16 @@ class HDF5SliceDataset(_HDF5Base):
         index, draw = self._key(key)
         k, z = self.items[index]
         clean = self.clean_slice(index)
+        rng = None if self.noise is None else self._rng(index, draw)
         if self.noise is None:
             noisy, sigma = clean, 0.0
         else:
-            noisy, sigma = self._noise[k](clean, self._rng(index, draw))
+            noisy, sigma = self._noise[k](clean, rng)
+        if self.context_slices:
+            level = None if self.noise is None else neighbour_noise(self._noise[k], sigma)
+            volume = self._data(k, "volume")
+            stack = [volume[zn].astype(np.float32) / UINT16_SCALE for zn in self._neighbours(k, z)]
+            noisy = np.stack([noisy] + [s if level is None else level(s, rng)[0] for s in stack])
         meta = self.meta[k]
         item = to_item(clean, noisy, sigma, index)
         item.update(
