@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_modules.diffusion_utils.datamodule import infer_modality, volume_entry
+from diffusion_modules.diffusion_utils.manifest import infer_modality, volume_entry, volume_paths
 from diffusion_modules.diffusion_utils.sampling import SamplingOptions
 from evaluation.denoisers import build_denoiser, plain_dict
 from evaluation.loop import evaluate
@@ -97,12 +97,11 @@ def parse_test_volumes(entries, default_max) -> list[dict]:
 
 
 def training_volume_paths(cfg) -> list[Path]:
-    """The volume paths of the data section (``data.params.volumes``; none if absent)."""
+    """The volume paths of the data section (``data.params.volumes``, globs and manifests
+    expanded; none if absent)."""
     params = (cfg.get("data") or {}).get("params") or {}
     volumes = params.get("volumes") or []
-    volumes = [volumes] if isinstance(volumes, (str, Path)) else volumes
-    paths = [v.get("path") if hasattr(v, "get") else v for v in volumes]
-    return [volume_path(p) for p in paths if p is not None]
+    return volume_paths(volumes) if volumes else []  # globs and manifests expanded
 
 
 def _files(path: Path) -> list[Path]:

@@ -19,13 +19,19 @@ A pixel is foreground when its normalized value exceeds FOREGROUND_THRESHOLD (0.
 -819 HU for CT and 5% of the MR percentile window); patches with a smaller foreground
 fraction than min_foreground are rejected.
 
-CLI: python -m utils.create_training_images INPUT --name NAME --out DIR
+CLI: python -m utils.create_training_images INPUT [INPUT ...] [--name NAME] --out DIR
          [--image-size 64] [--stride 32] [--modality ct|mr] [--slice-step 1]
-         [--planes acquisition | --planes axial coronal sagittal]
+         [--planes acquisition | --planes axial coronal sagittal] [--workers N]
+Several inputs are converted in parallel processes (``convert_volumes``: one progress bar,
+atomic files) and summarized (``dataset_summary``: volumes per modality and subject, voxel
+sizes, slices, patches, bytes on disk).
 """
 
 import argparse
+import multiprocessing
 import numbers
+import os
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import h5py
@@ -36,7 +42,7 @@ from utils.atomic import atomic_write, remove_stale_temporaries
 from utils.intensity import check_modality, normalize
 from utils.paths import check_name
 from utils.planes import ACQUISITION, PLANE_AXES, PLANES, acquisition_plane, cut_plane, parse_planes
-from utils.volume_io import load_volume, source_fingerprint
+from utils.volume_io import load_volume, source_fingerprint, source_stem
 
 FORMAT_VERSION = 2  # 2: planes (attrs plane, acquisition_plane; spacing of the plane)
 FOREGROUND_THRESHOLD = 0.05
@@ -199,10 +205,110 @@ def write_plane(tmp: str, x01: np.ndarray, origins: dict, size: int, attrs: dict
         f.attrs.update(attrs)
 
 
+def default_workers(n_jobs: int) -> int:
+    """Processes for n_jobs conversions: one per job, at most the CPU count and 8 (each holds a
+    volume, about 3 x its float32 size, in memory)."""
+    return max(1, min(int(n_jobs), os.cpu_count() or 1, 8))
+
+
+def convert_volumes(jobs: list[dict], workers: int | None = None, progress: bool = True,
+                    task=save_as_hdf5, desc: str = "converting") -> list:
+    """``task(**job)`` for every job (default ``save_as_hdf5`` keyword dicts) in ``workers``
+    processes (None: ``default_workers``; 1: in this process), with one progress bar over
+    the volumes; returns the results in job order. Each file is written atomically by its
+    task, so a kill leaves complete files and temporaries that the next conversion removes.
+    On a failure the jobs not started are cancelled, the running ones finish, and the first
+    error is raised (the task's own error, which names the volume)."""
+    workers = default_workers(len(jobs)) if workers is None else check_count(workers, "workers")
+    bar = tqdm(total=len(jobs), desc=desc, unit="volume", disable=not progress or not jobs)
+    try:
+        if workers == 1 or len(jobs) <= 1:
+            results = []
+            for job in jobs:
+                results.append(task(**job))
+                bar.update()
+            return results
+        # spawn: a fresh interpreter per worker, safe beside torch's and h5py's threads
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(task, **job) for job in jobs]
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                bar.update(len(done))
+                failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+                if failed:
+                    for f in pending:
+                        f.cancel()
+                    raise failed[0].exception()
+            return [f.result() for f in futures]
+    finally:
+        bar.close()
+
+
+def file_summary(path) -> dict:
+    """modality, plane, spacing (row, col, slice mm), slices, rows, cols, patches and bytes of
+    one HDF5 patch file (attributes and shapes only, no pixels read)."""
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        slices, rows, cols = f["volume"].shape
+        return {"modality": str(f.attrs["modality"]), "plane": str(f.attrs["plane"]),
+                "spacing": tuple(float(s) for s in f.attrs["spacing"]), "slices": int(slices), "rows": int(rows),
+                "cols": int(cols), "patches": int(f["patches"].shape[0]), "bytes": path.stat().st_size}
+
+
+def dataset_summary(volumes: list[dict]) -> dict:
+    """Figures of a converted dataset: ``volumes`` is a list of {name, subject, files (HDF5
+    paths)}. Returns volumes and subjects per modality, volumes per subject (min, median,
+    max), spacing ranges (row, col, slice mm: min and max per modality), slices, patches and
+    bytes on disk per modality and in total."""
+    per = {}
+    for v in volumes:
+        info = [file_summary(f) for f in v["files"]]
+        m = info[0]["modality"]
+        d = per.setdefault(m, {"volumes": 0, "subjects": {}, "spacing": [], "slices": 0, "patches": 0, "bytes": 0})
+        d["volumes"] += 1
+        d["subjects"][v["subject"]] = d["subjects"].get(v["subject"], 0) + 1
+        for i in info:
+            d["spacing"].append(i["spacing"])
+            d["slices"] += i["slices"]
+            d["patches"] += i["patches"]
+            d["bytes"] += i["bytes"]
+    subjects = {}
+    for d in per.values():
+        for s, n in d["subjects"].items():
+            subjects[s] = subjects.get(s, 0) + n
+    counts = sorted(subjects.values()) or [0]
+    out = {"volumes": sum(d["volumes"] for d in per.values()), "subjects": len(subjects),
+           "volumes_per_subject": (counts[0], float(np.median(counts)), counts[-1]),
+           "slices": sum(d["slices"] for d in per.values()), "patches": sum(d["patches"] for d in per.values()),
+           "bytes": sum(d["bytes"] for d in per.values()), "modalities": {}}
+    for m, d in sorted(per.items()):
+        spacing = np.asarray(d["spacing"], dtype=float)
+        out["modalities"][m] = {"volumes": d["volumes"], "subjects": len(d["subjects"]), "slices": d["slices"],
+                                "patches": d["patches"], "bytes": d["bytes"],
+                                "spacing_min": tuple(spacing.min(0)), "spacing_max": tuple(spacing.max(0))}
+    return out
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a few lines of text."""
+    lo, med, hi = summary["volumes_per_subject"]
+    lines = [f"dataset: {summary['volumes']} volumes of {summary['subjects']} subjects ({lo}-{hi} per subject, "
+             f"median {med:g}), {summary['slices']} slices, {summary['patches']} patches, "
+             f"{summary['bytes'] / 2**20:.1f} MiB of HDF5"]
+    for m, d in summary["modalities"].items():
+        mm = lambda t: " x ".join(f"{x:.3g}" for x in t)
+        lines.append(f"  {m}: {d['volumes']} volumes, {d['subjects']} subjects, voxels {mm(d['spacing_min'])} to "
+                     f"{mm(d['spacing_max'])} mm (row x col x slice), {d['slices']} slices, {d['patches']} patches, "
+                     f"{d['bytes'] / 2**20:.1f} MiB")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Convert a NIfTI volume or DICOM series folder into HDF5 patch files.")
-    parser.add_argument("input", help=".nii/.nii.gz file or DICOM series folder")
-    parser.add_argument("--name", required=True, help="dataset name: the file is OUT/NAME.h5 (OUT/NAME_PLANE.h5 for several planes)")
+    parser = argparse.ArgumentParser(description="Convert NIfTI volumes or DICOM series folders into HDF5 patch files.")
+    parser.add_argument("input", nargs="+", help=".nii/.nii.gz file(s) or DICOM series folder(s)")
+    parser.add_argument("--name", help="dataset name (one input): the file is OUT/NAME.h5 (OUT/NAME_PLANE.h5 for "
+                                       "several planes); default, and always with several inputs: each input's stem")
     parser.add_argument("--out", required=True, help="target folder")
     parser.add_argument("--image-size", type=int, default=64, help="patch side in pixels")
     parser.add_argument("--stride", type=int, default=32, help="in-plane patch step in pixels")
@@ -211,21 +317,25 @@ def main(argv=None) -> None:
     parser.add_argument("--min-foreground", type=float, default=0.1, help="minimum foreground fraction of a patch")
     parser.add_argument("--planes", nargs="+", default=[ACQUISITION],
                         help=f"'{ACQUISITION}' (default: across the thickest voxels) or one or more of {', '.join(PLANES)}")
+    parser.add_argument("--workers", type=int, default=None, help="processes for several inputs (default: one per "
+                                                                   "input, at most the CPU count and 8)")
     args = parser.parse_args(argv)
-    paths = save_as_hdf5(
-        args.input,
-        args.name,
-        args.out,
-        image_size=args.image_size,
-        stride=args.stride,
-        modality=args.modality,
-        slice_step=args.slice_step,
-        min_foreground=args.min_foreground,
-        planes=args.planes[0] if len(args.planes) == 1 else args.planes,
-    )
-    for path in paths if isinstance(paths, list) else [paths]:
-        with h5py.File(path, "r") as f:
-            print(f"wrote {path}: {f.attrs['plane']} volume {f['volume'].shape}, {f['patches'].shape[0]} patches")
+    if args.name and len(args.input) > 1:
+        parser.error("--name names one input; with several inputs each file is named after its input")
+    jobs = [dict(inputpath=src, datasetname=args.name or source_stem(Path(src)), targetdir=args.out,
+                 image_size=args.image_size, stride=args.stride, modality=args.modality, slice_step=args.slice_step,
+                 min_foreground=args.min_foreground, progress=len(args.input) == 1,
+                 planes=args.planes[0] if len(args.planes) == 1 else args.planes) for src in args.input]
+    results = convert_volumes(jobs, args.workers, progress=len(jobs) > 1)
+    volumes = []
+    for job, paths in zip(jobs, results):
+        paths = paths if isinstance(paths, list) else [paths]
+        volumes.append({"name": job["datasetname"], "subject": job["datasetname"], "files": paths})
+        for path in paths:
+            with h5py.File(path, "r") as f:
+                print(f"wrote {path}: {f.attrs['plane']} volume {f['volume'].shape}, {f['patches'].shape[0]} patches")
+    if len(volumes) > 1:
+        print(format_summary(dataset_summary(volumes)))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ Splits (``split`` param):
           training slice). Works with one volume.
   volume: whole volumes per split, in sorted-name order (train first, test last); needs
           at least 3 volumes.
+  subject: whole subjects per split, seeded by ``seed`` (a subject never crosses splits; a
+          manifest's split column wins); file: the split.csv of an earlier run (splits.py).
+Volumes: paths, mappings, globs and CSV/TSV manifests (manifest.py). ``write_split`` writes
+the assignment as split.csv (orchestration.training.train: into the run folder).
 Planes (``planes`` param, see utils.create_training_images): "acquisition" or one plane
 gives one HDF5 file per volume; several planes give one file per (volume, plane). Volume
 split: all of a volume's planes go to the same split. Slab split: the slabs are cut along
@@ -21,7 +25,7 @@ global random generator (each has its own), so the model's random stream does no
 on when loaders are made.
 """
 
-import re
+import time
 from pathlib import Path
 
 import h5py
@@ -36,51 +40,16 @@ from diffusion_modules.diffusion_utils.context import check_context_slices
 from diffusion_modules.diffusion_utils.hdf5dataset import HDF5PatchDataset, HDF5SliceDataset, read_meta
 from diffusion_modules.diffusion_utils.noise import build_noise
 from diffusion_modules.diffusion_utils.resumable import ResumableLoader, ResumableSampler
-from utils.create_training_images import check_count, plane_file_names, save_as_hdf5
+from diffusion_modules.diffusion_utils.manifest import expand_volumes, infer_modality, parse_volume, volume_entry  # noqa: F401
+from diffusion_modules.diffusion_utils.splits import (DEFAULT_SPLIT, assign_volumes, check_split_config,
+                                                      volume_split, write_split_file)  # noqa: F401
+from utils.create_training_images import (check_count, convert_volumes, dataset_summary, format_summary,
+                                          plane_file_names)
 from utils.planes import ACQUISITION, PLANE_AXES, parse_planes
-from utils.volume_io import source_fingerprint, source_stem
-from utils.intensity import check_modality
-from utils.paths import check_name, resolve_path
+from utils.volume_io import source_fingerprint
+from utils.paths import resolve_path
 
-DEFAULT_SPLIT = {"mode": "slab", "fractions": [0.7, 0.15, 0.15], "gap": 4}
 DEFAULT_NOISE = {"type": "gaussian", "sigma": 0.1}
-
-
-def infer_modality(path: Path) -> str:
-    """ct/mr from a file name holding "ct", "mr" or "mri" not touching other letters
-    (ct_head, mr01, brain-mri); else ValueError."""
-    found = {m.group(1)[:2] for m in re.finditer(r"(?<![a-z])(ct|mri?)(?![a-z])", source_stem(path).lower())}
-    if len(found) != 1:
-        raise ValueError(f"cannot infer the modality of {path} from its name: give {{path, modality: ct|mr}}")
-    return found.pop()
-
-
-def volume_entry(entry, allowed: tuple[str, ...], where: str, index: int | None = None) -> dict:
-    """A volume list entry (a path, or a mapping with 'path' and some of ``allowed``) as a
-    dict; ValueError naming ``where`` (the config list) otherwise, and a ConfigError naming
-    ``where[index].name`` for a ``name`` that is not a plain file name (utils.paths.check_name)."""
-    if isinstance(entry, (str, Path)):
-        entry = {"path": entry}
-    elif hasattr(entry, "items"):
-        entry = {k: entry[k] for k in entry}
-    else:
-        raise ValueError(f"{where} entry {entry!r} must be a path or a mapping with keys {', '.join(allowed)}")
-    unknown = set(entry) - set(allowed)
-    if "path" not in entry or unknown:
-        raise ValueError(f"{where} entry {entry!r}: needs key 'path', allows only {', '.join(allowed)}")
-    if entry.get("name") not in (None, ""):  # "" or null: the default name
-        check_name(entry["name"], f"{where}[{index}].name" if index is not None else f"{where} entry name")
-    return entry
-
-
-def parse_volume(entry, index: int | None = None) -> dict:
-    """Normalize a volumes entry (path string or {path, modality, name}) to a dict."""
-    entry = volume_entry(entry, ("path", "modality", "name"), "volumes", index)
-    path = resolve_path(entry["path"])
-    if path.suffix.lower() == ".h5":
-        return {"path": path, "h5": True, "name": entry.get("name") or source_stem(path)}
-    modality = check_modality(entry["modality"]) if entry.get("modality") else infer_modality(path)
-    return {"path": path, "h5": False, "modality": modality, "name": entry.get("name") or source_stem(path)}
 
 
 def slab_split(n_slices: int, fractions, gap: int) -> tuple[range, range, range]:
@@ -96,18 +65,6 @@ def slab_split(n_slices: int, fractions, gap: int) -> tuple[range, range, range]
     val_start = n_train + gap
     test_start = val_start + n_val + gap
     return range(0, n_train), range(val_start, val_start + n_val), range(test_start, test_start + n_test)
-
-
-def volume_split(n_volumes: int, fractions) -> tuple[range, range, range]:
-    """Positions of whole volumes (sorted order) in train, val and test."""
-    if n_volumes < 3:
-        raise ValueError(f"volume split needs at least 3 volumes, got {n_volumes}: use split mode 'slab'")
-    n_val = max(1, int(round(fractions[1] * n_volumes)))
-    n_test = max(1, int(round(fractions[2] * n_volumes)))
-    n_train = n_volumes - n_val - n_test
-    if n_train < 1:
-        raise ValueError(f"volume split fractions {list(fractions)} leave no training volume out of {n_volumes}")
-    return range(0, n_train), range(n_train, n_train + n_val), range(n_train + n_val, n_volumes)
 
 
 def split_plane_files(files: list[Path]) -> tuple[Path, dict[Path, int]]:
@@ -141,8 +98,9 @@ def keep_patches_inside(dataset: HDF5PatchDataset, bounds: dict, size: int) -> N
 class DenoisingDataModule(pl.LightningDataModule):
     """Denoising data from CT/MR volumes (see module docstring).
 
-    volumes: NIfTI files / DICOM folders / built .h5 files; strings (modality from the name)
-        or {path, modality, name} mappings; relative paths from the repository root.
+    volumes: NIfTI files / DICOM folders / built .h5 files; strings (modality from the name),
+        {path, modality, name, subject} mappings, globs or CSV/TSV manifests (manifest.py);
+        relative paths from the repository root.
     cache_dir: folder for the built HDF5 files (rebuilt when missing, built from other
         content of the source (sha256) or with other settings, or inconsistent: cache.py).
     image_size, stride, slice_step, min_foreground: patching (see save_as_hdf5); integers
@@ -151,7 +109,10 @@ class DenoisingDataModule(pl.LightningDataModule):
     planes: "acquisition" (across the thickest voxels), a plane name (axial, coronal,
         sagittal) or a list of them: one HDF5 file per (volume, plane), see the module docstring.
     noise: build_noise config, e.g. {"type": "gaussian", "sigma": 0.1} (sigma on [0,1]).
-    split: {"mode": "slab"|"volume", "fractions": [train, val, test], "gap": slices}.
+    split: {"mode": "slab"|"volume"|"subject", "fractions": [train, val, test], "gap": slices}
+        or {"file": split.csv of an earlier run} (splits.py).
+    convert_workers: processes converting the stale volumes (None: one per volume, at most
+        the CPU count and 8, and none below 4 volumes: converted here).
     batch_size, num_workers: DataLoader settings.
     augment: augmentation of the clean training patches (never val/test): true (flips/rot90),
         false, or a mapping {flips, rescale, gamma, contrast, brightness} (see augment.py).
@@ -186,15 +147,11 @@ class DenoisingDataModule(pl.LightningDataModule):
         in_memory: bool = False,
         lowdose_cache: int = 4,
         context_slices: int = 0,
+        convert_workers: int | None = None,
     ):
         super().__init__()
-        if volumes is None or isinstance(volumes, (str, Path)) or len(volumes) == 0:
-            raise ValueError("volumes must be a non-empty list of paths or {path, modality, name} mappings")
-        self.volumes = [parse_volume(v, i) for i, v in enumerate(volumes)]
-        names = [v["name"] for v in self.volumes]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"volume names must be unique, repeated: {duplicates} (set 'name' per volume)")
+        self.volumes = expand_volumes(volumes)  # globs and manifests expanded, every file checked
+        self.convert_workers = None if convert_workers is None else check_count(convert_workers, "convert_workers")
         self.cache_dir = resolve_path(cache_dir)
         self.image_size, self.stride = check_count(image_size, "image_size"), check_count(stride, "stride")
         self.slice_step = check_count(slice_step, "slice_step")
@@ -206,10 +163,12 @@ class DenoisingDataModule(pl.LightningDataModule):
             raise ValueError(f"volumes and planes {self.planes!r} give the same HDF5 file(s) {clashes}: rename the volumes")
         self.noise_cfg = dict(DEFAULT_NOISE if noise is None else noise)
         self.noise = build_noise(self.noise_cfg)
-        self.split = self._check_split(split)
+        self.split = check_split_config(split)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.augment = Augmentation.from_config(augment)
         self.seed, self.in_memory = int(seed), bool(in_memory)
+        order = [v["name"] for v in sorted(self.volumes, key=lambda v: min(self._targets(v)))]
+        self.assignment = assign_volumes(self.volumes, self.split, self.seed, order)  # {name: split}
         self.train_seed: int | None = None
         if int(lowdose_cache) < 1:
             raise ValueError(f"lowdose_cache must be >= 1 noise realisation per slice, got {lowdose_cache}")
@@ -228,22 +187,6 @@ class DenoisingDataModule(pl.LightningDataModule):
                 "split mode 'volume' or turn rescale off"
             )
 
-    @staticmethod
-    def _check_split(split) -> dict:
-        cfg = dict(DEFAULT_SPLIT)
-        cfg.update({k: split[k] for k in split} if split is not None else {})
-        unknown = set(cfg) - set(DEFAULT_SPLIT)
-        if unknown:
-            raise ValueError(f"unknown split key(s) {sorted(unknown)}: allowed {sorted(DEFAULT_SPLIT)}")
-        if cfg["mode"] not in ("slab", "volume"):
-            raise ValueError(f"unknown split mode {cfg['mode']!r}: expected 'slab' or 'volume'")
-        fractions = [float(f) for f in cfg["fractions"]]
-        if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(f"split fractions {fractions} must be 3 positive numbers summing to 1")
-        if int(cfg["gap"]) < 0:
-            raise ValueError(f"split gap {cfg['gap']} must be >= 0 slices")
-        return {"mode": cfg["mode"], "fractions": fractions, "gap": int(cfg["gap"])}
-
     def _targets(self, volume: dict) -> list[Path]:
         """The volume's HDF5 files, one per plane (a given .h5 file as it is)."""
         if volume["h5"]:
@@ -252,13 +195,16 @@ class DenoisingDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Build the HDF5 file of every volume that is missing or stale (``cache.stale_reason``:
-        other source content, settings or plane, or inconsistent); idempotent. A given .h5
-        file is checked (hdf5dataset.read_meta) and must hold patches of ``image_size``."""
+        other source content, settings or plane, or inconsistent), in ``convert_workers``
+        processes with one progress bar, and print the dataset's summary when it converted
+        any; idempotent. A given .h5 file is checked (hdf5dataset.read_meta) and must hold
+        patches of ``image_size``."""
         settings = dict(image_size=self.image_size, stride=self.stride, slice_step=self.slice_step,
                         min_foreground=self.min_foreground)
+        jobs = []
         for volume in self.volumes:
             if not volume["path"].exists():
-                raise FileNotFoundError(f"volume does not exist: {volume['path']}")
+                raise FileNotFoundError(f"volume does not exist: {volume['path']} ({volume['where']})")
             if volume["h5"]:
                 size = read_meta(volume["path"])["patch_size"]
                 if size != self.image_size:
@@ -269,18 +215,25 @@ class DenoisingDataModule(pl.LightningDataModule):
             fingerprint = source_fingerprint(volume["path"])
             wanted = dict(modality=volume["modality"], **settings)
             if any(stale_reason(t, volume["path"], fingerprint, wanted, p) for t, p in zip(self._targets(volume), planes)):
-                save_as_hdf5(
-                    volume["path"],
-                    volume["name"],
-                    self.cache_dir,
-                    image_size=self.image_size,
-                    stride=self.stride,
-                    modality=volume["modality"],
-                    slice_step=self.slice_step,
-                    min_foreground=self.min_foreground,
-                    progress=False,
-                    planes=self.planes if self.planes == ACQUISITION else list(self.planes),
-                )
+                jobs.append(dict(inputpath=volume["path"], datasetname=volume["name"], targetdir=self.cache_dir,
+                                 modality=volume["modality"], progress=False, **settings,
+                                 planes=self.planes if self.planes == ACQUISITION else list(self.planes)))
+        if jobs:
+            workers = self.convert_workers or (1 if len(jobs) < 4 else None)
+            start = time.time()
+            convert_volumes(jobs, workers, progress=len(jobs) > 1)
+            if len(jobs) > 1:
+                print(f"converted {len(jobs)} of {len(self.volumes)} volumes in {time.time() - start:.1f} s "
+                      f"into {self.cache_dir}\n{format_summary(self.summary())}")
+
+    def summary(self) -> dict:
+        """``utils.create_training_images.dataset_summary`` of the built files."""
+        return dataset_summary([{"name": v["name"], "subject": v["subject"], "files": self._targets(v)}
+                                for v in self.volumes])
+
+    def write_split(self, path) -> Path:
+        """Write the volume assignment as split.csv (name, path, subject, split) to ``path``."""
+        return write_split_file(path, self.volumes, self.assignment)
 
     def split_slices(self) -> dict[str, dict[Path, list[int]]]:
         """{"train"|"val"|"test": {h5 file: sorted slice indices}} from the split config.
@@ -305,11 +258,9 @@ class DenoisingDataModule(pl.LightningDataModule):
                     out["train"][f] = list(range(n_slices[f]))
                     bounds[f] = (column, n_slices[main] - parts[0].stop, n_slices[main] - parts[0].start)
         else:
-            ordered = sorted(groups, key=min)
-            for name, part in zip(out, volume_split(len(ordered), self.split["fractions"])):
-                for i in part:
-                    for f in ordered[i]:
-                        out[name][f] = list(range(n_slices[f]))
+            for volume, files in zip(self.volumes, groups):
+                for f in files:
+                    out[self.assignment[volume["name"]]][f] = list(range(n_slices[f]))
         return out, bounds
 
     def setup(self, stage: str | None = None) -> None:
