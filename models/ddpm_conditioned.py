@@ -170,14 +170,15 @@ class ConditionDDPM(DDPM):
                 eta: float | None = None, spacing: str | None = None, n_samples: int = 1,
                 guidance_scale: float = 1.0, t_start=None, sigma: float | None = None,
                 return_std: bool = False, batch_size: int = 16, generator: torch.Generator | None = None,
-                start_noise: str = "condition"):
+                start_noise: str = "condition", inference=None):
         """Posterior mean of ``n_samples`` clean estimates (B, 1, H, W) in [-1, 1] of ``noisy``
         (B, 1 + 2 context_slices, H, W): the slice, then its neighbours (module docstring).
 
         Samples are drawn ``batch_size`` at a time. With ``return_std`` also returns the
         per-pixel std of the samples (model units; zeros for one sample). ``start_noise``
         "independent" (needs ``t_start``) costs one more network evaluation per sample
-        (NFE = steps + 1) and makes samples differ even at eta 0.
+        (NFE = steps + 1) and makes samples differ even at eta 0. ``inference``: how the network
+        runs (bf16, channels_last, compile; ``diffusion_utils.inference.InferenceOptions``).
         """
         self.check_start_noise(start_noise, t_start)
         self.check_ensemble(n_samples, t_start, sampler, eta, steps, start_noise)
@@ -186,7 +187,7 @@ class ConditionDDPM(DDPM):
             return self.sample(chunk, sampler, steps, eta, spacing, t_start, sigma, guidance_scale, generator,
                                start_noise=start_noise)
 
-        return self.denoise_ensemble(noisy, n_samples, batch_size, return_std, draw)
+        return self.denoise_ensemble(noisy, n_samples, batch_size, return_std, draw, inference)
 
     # ------------------------------------------------------------------ images
     def denoise_matched(self, cond: torch.Tensor, sigmas: torch.Tensor, steps: int, seed: int = 0) -> torch.Tensor:

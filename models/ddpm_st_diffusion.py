@@ -180,7 +180,7 @@ class DDPM(SafeCheckpointLoading, MatchedStart, pl.LightningModule):
                 eta: float | None = None, spacing: str | None = None, n_samples: int = 1,
                 guidance_scale: float = 1.0, t_start=None, sigma: float | None = None,
                 return_std: bool = False, batch_size: int = 16, generator: torch.Generator | None = None,
-                start_noise: str = "condition"):
+                start_noise: str = "condition", inference=None):
         """SDEdit: the posterior mean of ``n_samples`` chains from x_t* = sqrt(a_bar*) noisy at
         ``t_start`` ("auto" with ``sigma`` on the [0, 1] scale, or an int) for ``noisy``
         (B, channels, H, W) in [-1, 1]; the model sees no condition, so only the start carries
@@ -199,7 +199,7 @@ class DDPM(SafeCheckpointLoading, MatchedStart, pl.LightningModule):
             return self.sample_from_noisy(chunk, sampler, steps, eta, spacing, t_start, sigma, generator=generator,
                                           start_noise=start_noise)
 
-        return self.denoise_ensemble(noisy, n_samples, batch_size, return_std, draw)
+        return self.denoise_ensemble(noisy, n_samples, batch_size, return_std, draw, inference)
 
     # ------------------------------------------------------------------ training
     def get_condition(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor | None:

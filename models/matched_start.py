@@ -22,6 +22,7 @@ from contextlib import nullcontext
 
 import torch
 
+from diffusion_modules.diffusion_utils.inference import optimized_networks
 from diffusion_modules.diffusion_utils.sampling import START_NOISES, capped_steps, matched_start, matched_timestep
 from diffusion_modules.unet_arch.unet_rosinality import run_padded
 
@@ -123,9 +124,11 @@ class MatchedStart:
                              "or n_samples=1")
 
     @torch.no_grad()
-    def denoise_ensemble(self, noisy: torch.Tensor, n_samples: int, batch_size: int, return_std: bool, draw):
+    def denoise_ensemble(self, noisy: torch.Tensor, n_samples: int, batch_size: int, return_std: bool, draw,
+                         inference=None):
         """Mean (and per-pixel std with ``return_std``) of ``n_samples`` estimates per image,
-        ``draw(chunk)`` giving one estimate per image of a chunk of ``batch_size`` images."""
+        ``draw(chunk)`` giving one estimate per image of a chunk of ``batch_size`` images, the
+        networks run with the ``inference`` options (``diffusion_utils.inference``)."""
         if noisy.ndim != 4:
             raise ValueError(f"noisy must be (B, C, H, W), got shape {tuple(noisy.shape)}")
         if not torch.isfinite(noisy).all():
@@ -133,7 +136,9 @@ class MatchedStart:
         check_stack(noisy, self.context_slices, self.channels)
         noisy = noisy.to(self.device, torch.float32)
         repeated = noisy.repeat_interleave(n_samples, dim=0)
-        samples = torch.cat([draw(chunk) for chunk in repeated.split(batch_size)])
+        with optimized_networks((getattr(self, "unet", None), getattr(self, "unet_ema", None)), inference,
+                                self.device):
+            samples = torch.cat([draw(chunk) for chunk in repeated.split(batch_size)])
         samples = samples.reshape(noisy.shape[0], n_samples, *samples.shape[1:])
         mean = samples.mean(dim=1)
         if return_std:

@@ -43,6 +43,10 @@ TRAINER_TYPES = {"max_steps": (int,), "max_epochs": (int, None), "min_steps": (i
                  "accumulate_grad_batches": (int,), "gradient_clip_val": (*NUMBER, None),
                  "enable_progress_bar": (bool, None), "enable_checkpointing": (bool, None),
                  "deterministic": (bool, str, None), "num_nodes": (int,)}
+#: the project's training speed keys of ``trainer`` (orchestration.training.apply_training_speed;
+#: removed before lightning.Trainer): null = automatic (on when training on CUDA)
+TRAINER_SPEED = {"fused_adamw": (bool, None), "pin_memory": (bool, None), "channels_last": (bool,),
+                 "compile_unet": (bool,)}
 
 
 #: keys of an ``evaluation.methods`` entry (evaluation.denoisers.build_denoiser) and their types
@@ -164,7 +168,8 @@ def check_run_config(cfg) -> None:
             raise ConfigError(f"{name}: expected a mapping, got {type(section).__name__}")
     trainer_args = set(inspect.signature(pl.Trainer.__init__).parameters) - {"self", "logger", "callbacks",
                                                                               "default_root_dir"}
-    check_keys(plain.get("trainer") or {}, trainer_args, TRAINER_TYPES, "trainer")
+    check_keys(plain.get("trainer") or {}, trainer_args | set(TRAINER_SPEED), {**TRAINER_TYPES, **TRAINER_SPEED},
+               "trainer")
     SamplingOptions.from_mapping(plain.get("sampling"), "sampling")
     log = plain.get("logging") or {}
     if "wandb" in log:  # the key of earlier versions: say what replaced it

@@ -5,6 +5,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from lightning.fabric.utilities.exceptions import MisconfigurationException
@@ -15,9 +16,10 @@ from orchestration.callbacks import ImageLogger, NonFiniteGuard, TrainingSpeed, 
 from orchestration.checkpoints import (CheckpointError, check_hyper_parameters, check_resume_hparams,
                                       checkpoint_model_class, read_checkpoint)
 from utils.initialize_configs import ConfigError, instantiate_from_configs, validate_target_config
-from orchestration.config_checks import LOGGERS
+from orchestration.config_checks import LOGGERS, TRAINER_SPEED
 from orchestration.resume import AtomicCheckpointIO, ExactResume
 from orchestration.run_info import write_run_info
+from utils.optim import FUSED_ADAMW
 from utils.paths import check_name, resolve_path
 
 
@@ -82,6 +84,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         ExactResume(),  # random generator states in checkpoints (orchestration/resume.py)
     ]
     trainer_kwargs = OmegaConf.to_container(cfg.get("trainer", {}), resolve=True)
+    for key in TRAINER_SPEED:  # the project's own keys (apply_training_speed), not Lightning's
+        trainer_kwargs.pop(key, None)
     # every checkpoint goes to a temporary file first, then is renamed (orchestration/resume.py)
     plugins = [AtomicCheckpointIO(), *(trainer_kwargs.pop("plugins", None) or [])]
     try:
@@ -117,6 +121,40 @@ def init_weights(model, path: str | Path, allow_targets=None) -> None:
     if getattr(model, "use_ema", False):
         model.unet_ema.load_state_dict(model.unet.state_dict())
     print(f"initialized the network from {path} ({prefix.rstrip('.')} weights)")
+
+
+def _pinned(make_loader):
+    """A data module's loader method whose DataLoaders copy batches from pinned memory."""
+    def make():
+        loader = make_loader()
+        loader.pin_memory = True  # read when an epoch's iterator starts
+        return loader
+    return make
+
+
+def apply_training_speed(cfg: DictConfig, model, datamodule, on_cuda: bool) -> dict:
+    """The training speed keys of ``trainer`` (``TRAINER_SPEED``), resolved: null ones on
+    exactly when training on CUDA. Turns the UNet (and its EMA copy) channels_last, compiles
+    the UNet in place (``nn.Module.compile``: the checkpoint's keys stay the same), pins the
+    training and validation loaders' memory; fused AdamW is applied by ``train`` around the
+    fit (``utils.optim.FUSED_ADAMW``). Returns the resolved values. On CPU with the defaults
+    nothing changes."""
+    given = cfg.get("trainer", {}) or {}
+    speed = {key: given.get(key) for key in TRAINER_SPEED}
+    for key in ("fused_adamw", "pin_memory"):
+        speed[key] = on_cuda if speed[key] is None else bool(speed[key])
+    speed["channels_last"], speed["compile_unet"] = bool(speed["channels_last"]), bool(speed["compile_unet"])
+    unet = getattr(model, "unet", None)
+    if speed["channels_last"] and unet is not None:
+        for net in (unet, getattr(model, "unet_ema", None)):
+            if net is not None:
+                net.to(memory_format=torch.channels_last)
+    if speed["compile_unet"] and unet is not None:
+        unet.compile()
+    if speed["pin_memory"]:
+        for name in ("train_dataloader", "val_dataloader"):
+            setattr(datamodule, name, _pinned(getattr(datamodule, name)))
+    return speed
 
 
 class TrainingStarted(Callback):
@@ -203,15 +241,18 @@ def train(cfg: DictConfig, run_dir: Path, resume: str | Path | None = None, buil
     run_info = write_run_info(run_dir)  # git commit (dirty or not) and versions: <run>/run_info.yaml
     trainer = build_trainer(cfg, run_dir)
     trainer.callbacks.extend(callbacks)
+    speed = apply_training_speed(cfg, model, datamodule, trainer.strategy.root_device.type == "cuda")
     # the whole resolved run config and the run info (git commit) go to the logger (the
     # DataModule saves no hparams of its own, so checkpoints carry no data paths)
     trainer.logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "run_info": run_info})
     start = time.time()
+    fused = FUSED_ADAMW.set(speed["fused_adamw"])  # read by configure_optimizers (utils/optim.py)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
         ckpt = run_dir / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(ckpt)
     finally:
+        FUSED_ADAMW.reset(fused)
         if isinstance(trainer.logger, WandbLogger):  # else a later run of this process (the U-Net
             trainer.logger.experiment.finish()     # baseline) would log into this wandb run
     print(f"trained {trainer.global_step} steps in {time.time() - start:.0f} s; checkpoint: {ckpt}")

@@ -70,7 +70,8 @@ def ramp(size: int, overlap: int) -> np.ndarray:
 
 def denoise_slices(model: ConditionDDPM, slices01: np.ndarray, sigma: float, *, steps: int = 10,
                    n_samples: int = 1, eta: float = 0.0, batch_size: int = 8, tile: int = 256,
-                   overlap: int = 32, generator: torch.Generator | None = None, progress: bool = True):
+                   overlap: int = 32, generator: torch.Generator | None = None, progress: bool = True,
+                   inference=None):
     """(mean01, std01) of (S, H, W) slices on the [0,1] scale, denoised from the matched start.
 
     Every slice is cut into tiles of at most ``tile`` x ``tile`` pixels overlapping by at
@@ -89,7 +90,8 @@ def denoise_slices(model: ConditionDDPM, slices01: np.ndarray, sigma: float, *, 
         batch = np.stack([slices01[z, r:r + th, c:c + tw] for z, r, c in chunk])
         noisy = torch.from_numpy(to_model_units(batch[:, None])).float()
         mean, std = model.denoise(noisy, steps=steps, eta=eta, n_samples=n_samples, t_start="auto", sigma=sigma,
-                                  return_std=True, batch_size=batch_size * n_samples, generator=generator)
+                                  return_std=True, batch_size=batch_size * n_samples, generator=generator,
+                                  inference=inference)
         mean01 = from_model_units(mean[:, 0].double().cpu().numpy()).clip(0.0, 1.0)
         var01 = (std[:, 0].double().cpu().numpy() / 2.0) ** 2
         for (z, r, c), m, v in zip(chunk, mean01, var01):
@@ -216,13 +218,14 @@ def check_dicom_output(input_path, output_dicom) -> None:
 def denoise_volume(model: ConditionDDPM, input_path, output_path, *, std_path=None, output_dicom=None,
                    modality: str | None = None, sigma="auto", steps: int = 10, n_samples: int = 1,
                    eta: float = 0.0, plane: str = ACQUISITION, batch_size: int = 8, tile: int = 256,
-                   overlap: int = 32, seed: int = 0, progress: bool = True) -> dict:
+                   overlap: int = 32, seed: int = 0, progress: bool = True, inference=None) -> dict:
     """Denoise a NIfTI file or DICOM series folder into ``output_path`` (and the per-voxel std
     of ``n_samples`` samples into ``std_path``), both in the input's units; with
     ``output_dicom`` (a DICOM series folder input only) also a DICOM series into that new or
     empty folder, one file per input slice (see ``utils.dicom_writer``).
 
     sigma: the noise std on the [0,1] scale of the training data, or "auto" to estimate it.
+    inference: how the network runs (bf16, channels_last, compile: ``InferenceOptions`` or a mapping).
     modality: "ct" | "mr"; None: the DICOM Modality tag, else inferred from the intensities.
     Returns what was done: modality and ``modality_source`` (how it was chosen), sigma ([0,1]
     and input units), t* (None when nothing was denoised), plane, slices, the intensity
@@ -275,7 +278,7 @@ def denoise_volume(model: ConditionDDPM, input_path, output_path, *, std_path=No
             generator = torch.Generator(device=model.device).manual_seed(int(seed))
             mean01, std01 = denoise_slices(model, slices01, sigma, steps=steps, n_samples=n_samples, eta=eta,
                                            batch_size=batch_size, tile=tile, overlap=overlap,
-                                           generator=generator, progress=progress)
+                                           generator=generator, progress=progress, inference=inference)
             del slices01
             mean = to_physical(_uncut_plane(mean01, plane), {"low": low, "high": high})
             out = np.where(weight == 1, mean, np.where(weight == 0, ras, ras + weight * (mean - ras)))

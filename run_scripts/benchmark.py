@@ -1,28 +1,50 @@
-"""Print training and denoising speed of a config's model on this machine.
+"""Training and denoising speed of a config's model on this machine, one Markdown table row per option.
 
     python run_scripts/benchmark.py --config run_scripts/configs/ddpm-cond/bundled_ct_mr.yaml \
-        [--device cuda] [--batch-size 32] [--steps 20] [--slice-size 256] [key=value ...]
+        [--device cuda] [--batch-size 32] [--steps 20] [--slice-size 512] [--out bench.md] [key=value ...]
     python run_scripts/benchmark.py --config run_scripts/configs/ddpm-cond/exp01_brain_1BA001_ct_config.yaml \
-        --peer [--sizes 64 256] [--dtypes fp32 bf16] [--peak-tflops 989] ...
+        --peer [--sizes 64 256] [--options fp32 bf16 bf16+cl+fused] [--denoise-options fp32 bf16+cl+compile] \
+        [--slice-size 512] [--nfe 10] [--peak-tflops 989] [--out bench.md]
+
+Options (a row each, '+'-joined tokens): ``fp32`` / ``bf16`` (autocast), ``cl`` (channels_last
+weights and inputs), ``fused`` (fused AdamW; training), ``compile`` (torch.compile: of the
+network for training, of its forward for denoising), ``graphs`` (CUDA graphs: compile mode
+reduce-overhead; denoising, CUDA only). Denoising rows use
+``diffusion_modules.diffusion_utils.inference`` exactly as ``ConditionDDPM.denoise(inference=...)``.
 
 Training: optimizer steps per second and images per second on random 1-channel batches
-of the model's patch size (forward, backward, AdamW step, EMA update). Denoising:
-seconds per slice of ``slice-size`` squared with the config's ``sampling`` settings.
-``--peer``: our UNet against diffusers' ``UNet2DModel`` of the same size (same widths,
-blocks per level and attention levels, one head: 15,723,201 parameters each for the
-reference config), training images/s per image size and precision, measured in one run,
-with the ratio and the FLOP rate from torch's FLOP counter (and MFU with --peak-tflops).
-Figures only; nothing is asserted.
+of the model's patch size (forward, backward, AdamW step, EMA update). Denoising: seconds
+per slice of ``slice-size`` squared with the config's ``sampling`` settings, ``--denoise-batch``
+slices per call. ``--peer``: our UNet against diffusers' ``UNet2DModel`` of the same size (same
+widths, blocks per level and attention levels, one head: 15,723,201 parameters each for the
+reference config), both with the same options in the same run: training images/s per image
+size and option row, with the ratio and the FLOP rate from torch's FLOP counter (and MFU with
+--peak-tflops), and both networks through the same ``--nfe``-step DDIM loop from the matched
+start (sigma 0.1) on ``--slice-size`` squared slices. Defaults: larger batches and the 512 x
+512 slice on CUDA, small ones on CPU. The table is printed and, with ``--out``, written as
+Markdown. Figures only; nothing is asserted.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import platform
 import time
-
+from pathlib import Path
 
 import torch
 
+from diffusion_modules.diffusion_utils.beta_schedule import make_beta_schedule
+from diffusion_modules.diffusion_utils.gaussian_diffusion import GaussianDiffusion
+from diffusion_modules.diffusion_utils.inference import InferenceOptions, optimized_networks
+from diffusion_modules.diffusion_utils.sampling import matched_timestep, run_chain
 from utils.initialize_configs import instantiate_from_configs, load_config
+
+#: training option tokens (InferenceOptions.parse reads the denoising ones)
+TRAIN_TOKENS = ("fp32", "bf16", "cl", "fused", "compile")
+DEFAULT_OPTIONS = {"cpu": (["fp32", "bf16", "bf16+cl", "bf16+cl+fused"], ["fp32", "bf16", "bf16+cl"]),
+                   "cuda": (["fp32", "bf16", "bf16+fused", "bf16+cl+fused", "bf16+cl+fused+compile"],
+                            ["fp32", "bf16", "bf16+cl", "bf16+cl+compile", "bf16+cl+graphs"])}
 
 
 def _sync(device: torch.device) -> None:
@@ -46,31 +68,53 @@ def peer_unet(unet_params: dict) -> torch.nn.Module:
         attention_head_dim=widths[-1] // unet_params.get("attn_heads", 1))
 
 
-def time_training(net, call, size: int, batch: int, steps: int, dtype: str, device: torch.device):
-    """(images/s, FLOPs per step) of forward + backward + AdamW on random data."""
+def train_options(text: str) -> dict:
+    """A training row name ('bf16+cl+fused') as {precision, channels_last, fused, compile}."""
+    tokens = [t for t in text.split("+") if t]
+    unknown = [t for t in tokens if t not in TRAIN_TOKENS]
+    if unknown:
+        raise ValueError(f"training option(s) {unknown} unknown in {text!r}; expected '+'-joined {TRAIN_TOKENS}")
+    return {"precision": "bf16" if "bf16" in tokens else "fp32", "channels_last": "cl" in tokens,
+            "fused": "fused" in tokens, "compile": "compile" in tokens}
+
+
+def count_flops(net, call, x, t) -> int:
+    """FLOPs of one eager forward + backward (torch's FLOP counter), whatever the options."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = torch.randn(batch, net_in_channels(net), size, size, device=device)
+    with FlopCounterMode(display=False) as counter:
+        call(net, x, t).float().pow(2).mean().backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def time_training(base, call, size: int, batch: int, steps: int, options: dict, device: torch.device) -> float:
+    """Images/s of forward + backward + AdamW on random data, on a copy of ``base`` with the
+    row's options: bf16 autocast, channels_last weights and inputs, fused AdamW, torch.compile."""
+    net = copy.deepcopy(base)
+    fmt = torch.channels_last if options["channels_last"] else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    x = torch.randn(batch, net_in_channels(net), size, size, device=device).contiguous(memory_format=fmt)
     t = torch.randint(0, 1000, (batch,), device=device)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, **({"fused": True} if options["fused"] else {}))
+    run = torch.compile(net) if options["compile"] else net
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options["precision"] == "bf16")
 
     def step():
         with autocast:
-            loss = call(net, x, t).float().pow(2).mean()
+            loss = call(run, x, t).float().pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
-    with FlopCounterMode(display=False) as counter:
+    for _ in range(2):  # warm-up (compilation, kernel choice)
         step()
-    step()
     _sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         step()
     _sync(device)
-    return batch * steps / (time.perf_counter() - start), counter.get_total_flops()
+    return batch * steps / (time.perf_counter() - start)
 
 
 def net_in_channels(net) -> int:
@@ -78,75 +122,199 @@ def net_in_channels(net) -> int:
     return conv.in_channels if conv is not None else 2
 
 
-def compare_with_peer(cfg, device: torch.device, sizes, dtypes, batch: int, steps: int, peak_tflops) -> None:
+class PeerNet(torch.nn.Module):
+    """diffusers' UNet2DModel called like ours: ``forward(x, t)`` returns the output tensor."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x, t):
+        return self.net(x, t).sample
+
+
+def schedule(cfg) -> GaussianDiffusion:
+    """The config's noise schedule and parameterization (the model's own defaults otherwise)."""
+    p = cfg.model.params
+    betas = make_beta_schedule(p.get("beta_schedule", "linear"), p.get("timesteps", 1000),
+                               p.get("linear_start", 1e-4), p.get("linear_end", 2e-2))
+    return GaussianDiffusion(betas, p.get("parameterization", "eps"))
+
+
+def time_ddim(net, diffusion, size: int, batch: int, nfe: int, options: InferenceOptions, device) -> float:
+    """Seconds per call of ``nfe`` DDIM steps from the matched start of sigma 0.1 (x_t and the
+    noisy condition concatenated) on a copy of ``net`` run with ``options``, after a warm-up call."""
+    net = copy.deepcopy(net).eval()
+    diffusion = diffusion.to(device)
+    cond = torch.rand(batch, 1, size, size, device=device) * 2 - 1
+    t_star = matched_timestep(diffusion, 0.1)
+    x_start = diffusion.sqrt_alphas_cumprod[t_star] * cond
+
+    def model_fn(x, t):
+        return net(torch.cat([x, cond], dim=1), t)
+
+    with torch.no_grad(), optimized_networks([net], options, device):
+        run_chain(model_fn, diffusion, x_start, steps=nfe, t_start=t_star)
+        _sync(device)
+        start = time.perf_counter()
+        run_chain(model_fn, diffusion, x_start, steps=nfe, t_start=t_star)
+        _sync(device)
+    return time.perf_counter() - start
+
+
+def default_batch(device: torch.device, size: int) -> int:
+    """Training batch: 128 at 64 x 64 and 32 at 256 x 256 on CUDA; 8 and 2 on CPU."""
+    if device.type == "cuda":
+        return min(128, max(4, int(32 * (256 / size) ** 2)))
+    return min(8, max(1, int(2 * (256 / size) ** 2)))
+
+
+def compare_with_peer(cfg, device: torch.device, args) -> list[str]:
+    """Markdown lines: training and denoising rows, ours against diffusers' UNet2DModel."""
     unet_cfg = cfg.model.params.unet_rosinality_config
     ours = instantiate_from_configs(unet_cfg, "model.params.unet_rosinality_config").to(device).train()
-    peer = peer_unet(dict(unet_cfg.params)).to(device).train()
+    peer = PeerNet(peer_unet(dict(unet_cfg.params))).to(device).train()
     n_ours, n_peer = (sum(p.numel() for p in m.parameters()) for m in (ours, peer))
-    print(f"ours {n_ours:,} parameters, diffusers UNet2DModel {n_peer:,}; device {device}, batch {batch}")
-    print("| case | ours img/s | peer img/s | ratio | our TFLOP/s | our MFU |\n| --- | --- | --- | --- | --- | --- |")
-    for size in sizes:
-        for dtype in dtypes:
-            ours_ips, flops = time_training(ours, lambda n, x, t: n(x, t), size, batch, steps, dtype, device)
-            peer_ips, _ = time_training(peer, lambda n, x, t: n(x, t).sample, size, batch, steps, dtype, device)
+    lines = [f"ours {n_ours:,} parameters, diffusers UNet2DModel {n_peer:,}", "",
+             "Training (forward, backward, AdamW step):", "",
+             "| case | options | batch | ours img/s | peer img/s | ratio ours / peer | our TFLOP/s | our MFU |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    call = lambda n, x, t: n(x, t)
+    for size in args.sizes:
+        batch = args.batch_size or default_batch(device, size)
+        x, t = torch.randn(batch, 2, size, size, device=device), torch.randint(0, 1000, (batch,), device=device)
+        flops = count_flops(ours, call, x, t)
+        for row in args.options:
+            options = train_options(row)
+            ours_ips = time_training(ours, call, size, batch, args.steps, options, device)
+            peer_ips = time_training(peer, call, size, batch, args.steps, options, device)
             tflops = flops / batch * ours_ips / 1e12
-            mfu = f"{100 * tflops / peak_tflops:.1f} %" if peak_tflops else "n/a"
-            print(f"| {size} x {size}, {dtype} | {ours_ips:.3g} | {peer_ips:.3g} | {ours_ips / peer_ips:.2f} | "
-                  f"{tflops:.3f} | {mfu} |")
+            mfu = f"{100 * tflops / args.peak_tflops:.1f} %" if args.peak_tflops else "n/a"
+            lines.append(f"| {size} x {size} | {row} | {batch} | {ours_ips:.3g} | {peer_ips:.3g} | "
+                         f"{ours_ips / peer_ips:.2f} | {tflops:.3f} | {mfu} |")
+    diffusion, size, batch = schedule(cfg), args.slice_size, args.denoise_batch
+    lines += ["", f"Denoising: {args.nfe}-step DDIM from the matched start (sigma 0.1), {size} x {size}, "
+              f"batch {batch}, the same loop for both:", "",
+              "| options | ours ms / slice | peer ms / slice | speed ours / peer |", "| --- | --- | --- | --- |"]
+    for row in args.denoise_options:
+        options = InferenceOptions.parse(row)
+        if options.cuda_graphs and device.type != "cuda":
+            lines.append(f"| {row} | skipped: CUDA graphs need CUDA | | |")
+            continue
+        ours_s = time_ddim(ours, diffusion, size, batch, args.nfe, options, device)
+        peer_s = time_ddim(peer, diffusion, size, batch, args.nfe, options, device)
+        lines.append(f"| {row} | {1000 * ours_s / batch:.3g} | {1000 * peer_s / batch:.3g} | {peer_s / ours_s:.2f} |")
+    return lines
 
 
-def main(argv: list[str] | None = None) -> None:
+def model_tables(cfg, device: torch.device, args) -> list[str]:
+    """Markdown lines: the config's whole model, training steps and ``denoise()`` per option row."""
+    base = instantiate_from_configs(cfg.model, "model", allow_targets=cfg.get("allow_targets")).to(device)
+    size = cfg.model.params.get("image_size", 64)
+    batch_size = args.batch_size or default_batch(device, size)
+    n_params = sum(p.numel() for p in base.unet.parameters())
+    lines = [f"UNet {n_params / 1e6:.2f} M parameters", "", "Training (shared_step, AdamW, EMA update):", "",
+             "| options | batch | size | steps/s | images/s |", "| --- | --- | --- | --- | --- |"]
+    for row in args.options:
+        options, model = train_options(row), copy.deepcopy(base).train()
+        if options["channels_last"]:
+            model.unet.to(memory_format=torch.channels_last)
+        if options["compile"]:
+            model.unet.compile()
+        opt = torch.optim.AdamW(model.unet.parameters(), lr=1e-4, **({"fused": True} if options["fused"] else {}))
+        batch = {k: torch.rand(batch_size, 1, size, size, device=device) * 2 - 1 for k in ("x_prior", "x_cond")}
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options["precision"] == "bf16")
+        for i in range(args.steps + 2):
+            if i == 2:
+                _sync(device)
+                start = time.perf_counter()
+            with autocast:
+                loss = model.shared_step(batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if getattr(model, "use_ema", False):
+                model.update_ema()
+        _sync(device)
+        train_s = (time.perf_counter() - start) / args.steps
+        lines.append(f"| {row} | {batch_size} | {size} x {size} | {1 / train_s:.3g} | {batch_size / train_s:.3g} |")
+    if not hasattr(base, "denoise"):
+        return lines
+    sampling = dict(cfg.get("sampling") or {})
+    kwargs = {**sampling, "sigma": 0.1} if sampling.get("t_start") == "auto" else sampling
+    kwargs.pop("inference", None)
+    n = args.denoise_batch
+    noisy = torch.rand(n, 1, args.slice_size, args.slice_size, device=device) * 2 - 1
+    lines += ["", f"Denoising ({type(base).__name__}.denoise with sampling {sampling}), {n} slice(s) of "
+              f"{args.slice_size} x {args.slice_size} per call:", "",
+              "| options | s per call | ms per slice |", "| --- | --- | --- |"]
+    base.eval()
+    for row in args.denoise_options:
+        options = InferenceOptions.parse(row)
+        if options.cuda_graphs and device.type != "cuda":
+            lines.append(f"| {row} | skipped: CUDA graphs need CUDA | |")
+            continue
+        base.denoise(noisy, **kwargs, batch_size=n, inference=options)  # warm-up, compilation
+        _sync(device)
+        start = time.perf_counter()
+        base.denoise(noisy, **kwargs, batch_size=n, inference=options)
+        _sync(device)
+        seconds = time.perf_counter() - start
+        lines.append(f"| {row} | {seconds:.3g} | {1000 * seconds / n:.3g} |")
+    return lines
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def header(cfg_path: str, device: torch.device) -> list[str]:
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    return [f"# Benchmark: {Path(cfg_path).name}", "",
+            f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} CPU threads", ""]
+
+
+def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, help="training batch (default: by device and size)")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps (after 2 warm-up steps)")
-    parser.add_argument("--slice-size", type=int, default=256)
+    parser.add_argument("--slice-size", type=int, help="denoised slice side (default 512 on CUDA, 128 on CPU)")
+    parser.add_argument("--denoise-batch", type=int, help="slices per denoising call (default 8 on CUDA, 1 on CPU)")
+    parser.add_argument("--nfe", type=int, default=10, help="DDIM steps of the --peer denoising loop")
+    parser.add_argument("--options", nargs="+", help="training rows, '+'-joined of fp32 bf16 cl fused compile")
+    parser.add_argument("--denoise-options", nargs="+",
+                        help="denoising rows, '+'-joined of fp32 bf16 cl compile graphs")
     parser.add_argument("--peer", action="store_true", help="compare our UNet with diffusers' UNet2DModel")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="image sides for --peer")
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=("fp32", "bf16"))
     parser.add_argument("--peak-tflops", type=float, help="the device's peak (e.g. 989 for H100 bf16) for MFU")
+    parser.add_argument("--out", help="also write the Markdown table to this file")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     device = torch.device(args.device)
-    if args.peer:
-        compare_with_peer(cfg, device, args.sizes, args.dtypes, args.batch_size, args.steps, args.peak_tflops)
-        return
-    model = instantiate_from_configs(cfg.model, "model", allow_targets=cfg.get("allow_targets")).to(device)
-    n_params = sum(p.numel() for p in model.unet.parameters())
-    opt = torch.optim.AdamW(model.unet.parameters(), lr=1e-4)
-    size = cfg.model.params.get("image_size", 64)
-    batch = {k: torch.rand(args.batch_size, 1, size, size, device=device) * 2 - 1 for k in ("x_prior", "x_cond")}
-    model.train()
-    for i in range(args.steps + 2):
-        if i == 2:
-            _sync(device)
-            start = time.perf_counter()
-        loss = model.shared_step(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if getattr(model, "use_ema", False):
-            model.update_ema()
-    _sync(device)
-    train_s = (time.perf_counter() - start) / args.steps
-    print(f"device {device}, {torch.get_num_threads()} CPU threads, UNet {n_params / 1e6:.2f} M parameters")
-    print(f"training: {1 / train_s:.2f} steps/s, {args.batch_size / train_s:.1f} images/s "
-          f"(batch {args.batch_size}, {size}x{size})")
-    if not hasattr(model, "denoise"):
-        return
-    model.eval()
-    sampling = dict(cfg.get("sampling") or {})
-    noisy = torch.rand(1, 1, args.slice_size, args.slice_size, device=device) * 2 - 1
-    kwargs = {**sampling, "sigma": 0.1} if sampling.get("t_start") == "auto" else sampling
-    model.denoise(noisy, **kwargs)
-    _sync(device)
-    start = time.perf_counter()
-    model.denoise(noisy, **kwargs)
-    _sync(device)
-    print(f"denoising: {time.perf_counter() - start:.2f} s per {args.slice_size}x{args.slice_size} slice "
-          f"with sampling {sampling}")
+    kind = "cuda" if device.type == "cuda" else "cpu"
+    args.options = args.options or DEFAULT_OPTIONS[kind][0]
+    args.denoise_options = args.denoise_options or DEFAULT_OPTIONS[kind][1]
+    for row in args.options:
+        train_options(row)  # refuse a bad row before any timing
+    for row in args.denoise_options:
+        InferenceOptions.parse(row)
+    args.slice_size = args.slice_size or (512 if kind == "cuda" else 128)
+    args.denoise_batch = args.denoise_batch or (8 if kind == "cuda" else 1)
+    lines = header(args.config, device)
+    lines += compare_with_peer(cfg, device, args) if args.peer else model_tables(cfg, device, args)
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    return text
 
 
 if __name__ == "__main__":

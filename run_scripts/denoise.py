@@ -5,7 +5,8 @@ r"""Denoise a whole CT/MR volume with a trained conditional DDPM.
         [--output-dicom NEW_FOLDER] \
         [--sigma auto|VALUE] [--steps 10] [--samples 1] [--eta 0] \
         [--plane acquisition|axial|coronal|sagittal] [--modality ct|mr] \
-        [--device cpu|cuda] [--batch-size 8] [--tile 256] [--overlap 32] [--seed 0]
+        [--device cpu|cuda] [--batch-size 8] [--tile 256] [--overlap 32] [--seed 0] \
+        [--precision fp32|bf16] [--channels-last] [--compile] [--cuda-graphs]
 
 The output is a NIfTI volume in the input's units (HU for CT) with the input's shape and
 affine; --std writes the per-voxel std of --samples posterior samples (needs --eta > 0).
@@ -24,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 
+import torch
 
+from diffusion_modules.diffusion_utils.inference import PRECISIONS, InferenceOptions, check_device
 from models.ddpm_conditioned import ConditionDDPM
 from orchestration.checkpoints import load_checkpoint
 from orchestration.cli import checked_device, user_error_boundary
@@ -65,18 +68,27 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tile", type=int, default=256, help="largest tile side in pixels")
     parser.add_argument("--overlap", type=int, default=32, help="tile overlap in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS, help="network precision (bf16: autocast)")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC network weights and inputs")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network (the first batch waits)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="compile with CUDA graphs (mode reduce-overhead; --device cuda only)")
     args = parser.parse_args(argv)
     if args.std and args.samples < 2:
         parser.error("--std needs --samples >= 2 (and --eta > 0): one sample has no spread")
     # every flag and path is checked before the checkpoint is read
     check_settings(args.sigma, args.steps, args.samples, args.eta, args.batch_size, args.tile, args.overlap)
     device = checked_device(args.device, "--device")
+    inference = InferenceOptions(args.precision, args.channels_last, args.compile, args.cuda_graphs)
+    if args.cuda_graphs and not str(device).startswith("cuda"):
+        parser.error("--cuda-graphs needs --device cuda (CUDA graphs are a CUDA feature)")
+    check_device(inference, torch.device(device))
     check_output_paths(args.input, args.output, args.std, args.output_dicom)
     model = load_checkpoint(ConditionDDPM, args.ckpt, map_location=device)
     info = denoise_volume(model, args.input, args.output, std_path=args.std, output_dicom=args.output_dicom,
                           modality=args.modality, sigma=args.sigma, steps=args.steps, n_samples=args.samples,
                           eta=args.eta, plane=args.plane, batch_size=args.batch_size, tile=args.tile,
-                          overlap=args.overlap, seed=args.seed)
+                          overlap=args.overlap, seed=args.seed, inference=inference)
     unit = "HU" if info["modality"] == "ct" else "scanner units"
     low, high = info["window"]
     print(f"modality: {info['modality']} ({info['modality_source']}); intensity window {low:.4g} .. {high:.4g} "
@@ -84,6 +96,8 @@ def run(argv: list[str] | None = None) -> dict:
     print(f"noise sigma: {info['sigma01']:.4g} on the [0,1] scale = {info['sigma_units']:.4g} {unit}"
           f" ({'estimated' if args.sigma == 'auto' else 'given'})"
           + (f"; matched start t* = {info['t_star']}" if info["t_star"] is not None else ""))
+    if not inference.plain:
+        print(f"network options: {inference.describe()}")
     if info["unchanged"]:
         print(f"not denoised: {info['unchanged']}; the input is written unchanged")
     print(f"{info['slices']} {info['plane']} slices in {info['seconds']:.1f} s; wrote {info['output']}")

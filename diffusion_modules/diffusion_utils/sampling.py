@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from diffusion_modules.diffusion_utils.gaussian_diffusion import GaussianDiffusion
+from diffusion_modules.diffusion_utils.inference import InferenceOptions
 from utils.config_keys import NUMBER, check_keys
 from utils.initialize_configs import ConfigError
 
@@ -188,7 +189,9 @@ class SamplingOptions:
     sampler "ddim" | "ddpm"; steps, eta, spacing (DDIM only; None: 50, 0, uniform); t_start
     None (pure noise), an int, or "auto" (the matched t* of the image's sigma); guidance_scale
     (conditional models trained with condition dropout); n_samples averaged per image;
-    start_noise "condition" | "independent"; batch_size images per network batch.
+    start_noise "condition" | "independent"; batch_size images per network batch; inference
+    how the network runs (``InferenceOptions``: precision, channels_last, compile,
+    cuda_graphs; None: float32 eager), given as a mapping in a config and to ``denoise()``.
     """
 
     sampler: str = "ddim"
@@ -200,11 +203,12 @@ class SamplingOptions:
     n_samples: int = 1
     start_noise: str = "condition"
     batch_size: int = 16
+    inference: InferenceOptions | None = None
 
     #: accepted types of each field in a config (None: null allowed)
     TYPES = {"sampler": (str,), "steps": (int, None), "eta": (*NUMBER, None), "spacing": (str, None),
              "t_start": (int, str, None), "guidance_scale": NUMBER, "n_samples": (int,), "start_noise": (str,),
-             "batch_size": (int,)}
+             "batch_size": (int,), "inference": (dict, InferenceOptions, None)}
 
     def __post_init__(self):
         check_sampler(self.sampler, self.steps, self.eta, self.spacing)
@@ -219,6 +223,7 @@ class SamplingOptions:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        object.__setattr__(self, "inference", InferenceOptions.coerce(self.inference))
 
     @classmethod
     def from_mapping(cls, values: Mapping | None, path: str = "sampling") -> "SamplingOptions":
@@ -226,14 +231,24 @@ class SamplingOptions:
         naming ``path.key``, a bad value a ValueError naming ``path``."""
         values = dict(values or {})
         check_keys(values, [f.name for f in fields(cls)], cls.TYPES, path)
+        if "inference" in values:
+            values["inference"] = InferenceOptions.coerce(values["inference"], f"{path}.inference")
         try:
             return cls(**values)
         except ValueError as err:
             raise ConfigError(f"{path}: {err}") from err
 
     def updated(self, values: Mapping | None, path: str = "sampling") -> "SamplingOptions":
-        """These options with the keys of ``values`` replaced (checked like ``from_mapping``)."""
-        return type(self).from_mapping({**self.as_kwargs(), **dict(values or {})}, path)
+        """These options with the keys of ``values`` replaced (checked like ``from_mapping``);
+        an ``inference`` mapping is merged key by key over this one's."""
+        base, values = self.as_kwargs(), dict(values or {})
+        if isinstance(values.get("inference"), Mapping) and base["inference"] is not None:
+            values["inference"] = {**base["inference"], **values["inference"]}
+        return type(self).from_mapping({**base, **values}, path)
 
     def as_kwargs(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The keywords of ``denoise()``, plain values only (``inference`` as a mapping or None)."""
+        kwargs = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.inference is not None:
+            kwargs["inference"] = self.inference.as_mapping()
+        return kwargs
