@@ -5,6 +5,7 @@
     python run_scripts/benchmark.py --config run_scripts/configs/ddpm-cond/exp01_brain_1BA001_ct_config.yaml \
         --peer [--sizes 64 256] [--options fp32 bf16 bf16+cl+fused] [--denoise-options fp32 bf16+cl+compile] \
         [--slice-size 512] [--nfe 10] [--peak-tflops 989] [--out bench.md]
+    python run_scripts/benchmark.py --config my_data.yaml --data [--data-workers 0 1 2 4] [--steps 10]
 
 Options (a row each, '+'-joined tokens): ``fp32`` / ``bf16`` (autocast), ``cl`` (channels_last
 weights and inputs), ``fused`` (fused AdamW; training), ``compile`` (torch.compile: of the
@@ -22,7 +23,10 @@ size and option row, with the ratio and the FLOP rate from torch's FLOP counter 
 --peak-tflops), and both networks through the same ``--nfe``-step DDIM loop from the matched
 start (sigma 0.1) on ``--slice-size`` squared slices. Defaults: larger batches and the 512 x
 512 slice on CUDA, small ones on CPU. The table is printed and, with ``--out``, written as
-Markdown. Figures only; nothing is asserted.
+Markdown. Figures only; nothing is asserted. ``--data``: the config's training loader instead
+(full augmentation): patches/s per worker count and per worker, with the peak resident and
+proportional memory of the process tree, to size ``num_workers``; a configuration whose
+loaders would not fit in memory is refused first (loader_check.py).
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import torch
 from diffusion_modules.diffusion_utils.beta_schedule import make_beta_schedule
 from diffusion_modules.diffusion_utils.gaussian_diffusion import GaussianDiffusion
 from diffusion_modules.diffusion_utils.inference import InferenceOptions, optimized_networks
+from diffusion_modules.diffusion_utils.loader_check import data_benchmark
 from diffusion_modules.diffusion_utils.sampling import matched_timestep, run_chain
 from utils.initialize_configs import instantiate_from_configs, load_config
 
@@ -294,6 +299,9 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="image sides for --peer")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak (e.g. 989 for H100 bf16) for MFU")
     parser.add_argument("--out", help="also write the Markdown table to this file")
+    parser.add_argument("--data", action="store_true", help="instead: the training loader's patches/s per worker "
+                        "(full augmentation) and memory per worker count (--data-workers), 5 x --steps batches each")
+    parser.add_argument("--data-workers", type=int, nargs="+", default=[0, 1, 2], help="worker counts for --data")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
@@ -308,7 +316,11 @@ def main(argv: list[str] | None = None) -> str:
     args.slice_size = args.slice_size or (512 if kind == "cuda" else 128)
     args.denoise_batch = args.denoise_batch or (8 if kind == "cuda" else 1)
     lines = header(args.config, device)
-    lines += compare_with_peer(cfg, device, args) if args.peer else model_tables(cfg, device, args)
+    if args.data:  # the data loader alone (diffusion_modules/diffusion_utils/loader_check.py)
+        datamodule = instantiate_from_configs(cfg.data, "data", allow_targets=cfg.get("allow_targets"))
+        lines += data_benchmark(datamodule, args.data_workers, max_batches=5 * args.steps)
+    else:
+        lines += compare_with_peer(cfg, device, args) if args.peer else model_tables(cfg, device, args)
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:

@@ -38,6 +38,7 @@ from diffusion_modules.diffusion_utils.augment import Augmentation
 from diffusion_modules.diffusion_utils.cache import stale_reason
 from diffusion_modules.diffusion_utils.context import check_context_slices
 from diffusion_modules.diffusion_utils.hdf5dataset import HDF5PatchDataset, HDF5SliceDataset, read_meta
+from diffusion_modules.diffusion_utils.loader_check import check_loader_memory
 from diffusion_modules.diffusion_utils.noise import build_noise
 from diffusion_modules.diffusion_utils.resumable import ResumableLoader, ResumableSampler
 from diffusion_modules.diffusion_utils.manifest import expand_volumes, infer_modality, parse_volume, volume_entry  # noqa: F401
@@ -120,7 +121,9 @@ class DenoisingDataModule(pl.LightningDataModule):
     train_seed (attribute, not a parameter): seed of the training order, noise and
         augmentation; orchestration.training.train sets it to the run's ``seed``, and None
         (a DataModule used on its own) takes ``seed``.
-    in_memory: hold the train/val patches in memory (per worker) instead of reading HDF5 per item.
+    in_memory: hold the train/val patches in memory (per worker) instead of reading HDF5 per item;
+        setup() refuses a configuration whose loaders would not fit in the available memory
+        (loader_check.check_loader_memory, with the estimate).
     lowdose_cache: low-dose CT noise realisations kept per training slice (each costs about
         1 s to simulate; more means more varied noise, fewer means faster epochs).
     context_slices: k noisy neighbouring slices on each side in every ``x_cond`` (train, val,
@@ -267,6 +270,7 @@ class DenoisingDataModule(pl.LightningDataModule):
         """Build missing HDF5 files and the three datasets."""
         self.prepare_data()
         parts, bounds = self._split()
+        check_loader_memory(self, parts, getattr(getattr(self, "trainer", None), "num_devices", 1) or 1)  # RAM
         self.train_set = HDF5PatchDataset(
             list(parts["train"]), parts["train"], self.noise, noise_seed=None, augment=self.augment,
             lowdose_cache=self.lowdose_cache, in_memory=self.in_memory, context_slices=self.context_slices)
