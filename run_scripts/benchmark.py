@@ -174,16 +174,17 @@ def default_batch(device: torch.device, size: int) -> int:
     return min(8, max(1, int(2 * (256 / size) ** 2)))
 
 
-def compare_with_peer(cfg, device: torch.device, args) -> list[str]:
-    """Markdown lines: training and denoising rows, ours against diffusers' UNet2DModel."""
+def compare_with_peer(cfg, device: torch.device, args):
+    """Markdown lines, one at a time as measured: training and denoising rows, ours against
+    diffusers' UNet2DModel."""
     unet_cfg = cfg.model.params.unet_rosinality_config
     ours = instantiate_from_configs(unet_cfg, "model.params.unet_rosinality_config").to(device).train()
     peer = PeerNet(peer_unet(dict(unet_cfg.params))).to(device).train()
     n_ours, n_peer = (sum(p.numel() for p in m.parameters()) for m in (ours, peer))
-    lines = [f"ours {n_ours:,} parameters, diffusers UNet2DModel {n_peer:,}", "",
-             "Training (forward, backward, AdamW step):", "",
-             "| case | options | batch | ours img/s | peer img/s | ratio ours / peer | our TFLOP/s | our MFU |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    yield from [f"ours {n_ours:,} parameters, diffusers UNet2DModel {n_peer:,}", "",
+                "Training (forward, backward, AdamW step):", "",
+                "| case | options | batch | ours img/s | peer img/s | ratio ours / peer | our TFLOP/s | our MFU |",
+                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     call = lambda n, x, t: n(x, t)
     for size in args.sizes:
         batch = args.batch_size or default_batch(device, size)
@@ -195,31 +196,31 @@ def compare_with_peer(cfg, device: torch.device, args) -> list[str]:
             peer_ips = time_training(peer, call, size, batch, args.steps, options, device)
             tflops = flops / batch * ours_ips / 1e12
             mfu = f"{100 * tflops / args.peak_tflops:.1f} %" if args.peak_tflops else "n/a"
-            lines.append(f"| {size} x {size} | {row} | {batch} | {ours_ips:.3g} | {peer_ips:.3g} | "
-                         f"{ours_ips / peer_ips:.2f} | {tflops:.3f} | {mfu} |")
+            yield (f"| {size} x {size} | {row} | {batch} | {ours_ips:.3g} | {peer_ips:.3g} | "
+                   f"{ours_ips / peer_ips:.2f} | {tflops:.3f} | {mfu} |")
     diffusion, size, batch = schedule(cfg), args.slice_size, args.denoise_batch
-    lines += ["", f"Denoising: {args.nfe}-step DDIM from the matched start (sigma 0.1), {size} x {size}, "
-              f"batch {batch}, the same loop for both:", "",
-              "| options | ours ms / slice | peer ms / slice | speed ours / peer |", "| --- | --- | --- | --- |"]
+    yield from ["", f"Denoising: {args.nfe}-step DDIM from the matched start (sigma 0.1), {size} x {size}, "
+                f"batch {batch}, the same loop for both:", "",
+                "| options | ours ms / slice | peer ms / slice | speed ours / peer |", "| --- | --- | --- | --- |"]
     for row in args.denoise_options:
         options = InferenceOptions.parse(row)
         if options.cuda_graphs and device.type != "cuda":
-            lines.append(f"| {row} | skipped: CUDA graphs need CUDA | | |")
+            yield f"| {row} | skipped: CUDA graphs need CUDA | | |"
             continue
         ours_s = time_ddim(ours, diffusion, size, batch, args.nfe, options, device)
         peer_s = time_ddim(peer, diffusion, size, batch, args.nfe, options, device)
-        lines.append(f"| {row} | {1000 * ours_s / batch:.3g} | {1000 * peer_s / batch:.3g} | {peer_s / ours_s:.2f} |")
-    return lines
+        yield f"| {row} | {1000 * ours_s / batch:.3g} | {1000 * peer_s / batch:.3g} | {peer_s / ours_s:.2f} |"
 
 
-def model_tables(cfg, device: torch.device, args) -> list[str]:
-    """Markdown lines: the config's whole model, training steps and ``denoise()`` per option row."""
+def model_tables(cfg, device: torch.device, args):
+    """Markdown lines, one at a time as measured: the config's whole model, training steps and
+    ``denoise()`` per option row."""
     base = instantiate_from_configs(cfg.model, "model", allow_targets=cfg.get("allow_targets")).to(device)
     size = cfg.model.params.get("image_size", 64)
     batch_size = args.batch_size or default_batch(device, size)
     n_params = sum(p.numel() for p in base.unet.parameters())
-    lines = [f"UNet {n_params / 1e6:.2f} M parameters", "", "Training (shared_step, AdamW, EMA update):", "",
-             "| options | batch | size | steps/s | images/s |", "| --- | --- | --- | --- | --- |"]
+    yield from [f"UNet {n_params / 1e6:.2f} M parameters", "", "Training (shared_step, AdamW, EMA update):", "",
+                "| options | batch | size | steps/s | images/s |", "| --- | --- | --- | --- | --- |"]
     for row in args.options:
         options, model = train_options(row), copy.deepcopy(base).train()
         if options["channels_last"]:
@@ -242,22 +243,22 @@ def model_tables(cfg, device: torch.device, args) -> list[str]:
                 model.update_ema()
         _sync(device)
         train_s = (time.perf_counter() - start) / args.steps
-        lines.append(f"| {row} | {batch_size} | {size} x {size} | {1 / train_s:.3g} | {batch_size / train_s:.3g} |")
+        yield f"| {row} | {batch_size} | {size} x {size} | {1 / train_s:.3g} | {batch_size / train_s:.3g} |"
     if not hasattr(base, "denoise"):
-        return lines
+        return
     sampling = dict(cfg.get("sampling") or {})
     kwargs = {**sampling, "sigma": 0.1} if sampling.get("t_start") == "auto" else sampling
     kwargs.pop("inference", None)
     n = args.denoise_batch
     noisy = torch.rand(n, 1, args.slice_size, args.slice_size, device=device) * 2 - 1
-    lines += ["", f"Denoising ({type(base).__name__}.denoise with sampling {sampling}), {n} slice(s) of "
-              f"{args.slice_size} x {args.slice_size} per call:", "",
-              "| options | s per call | ms per slice |", "| --- | --- | --- |"]
+    yield from ["", f"Denoising ({type(base).__name__}.denoise with sampling {sampling}), {n} slice(s) of "
+                f"{args.slice_size} x {args.slice_size} per call:", "",
+                "| options | s per call | ms per slice |", "| --- | --- | --- |"]
     base.eval()
     for row in args.denoise_options:
         options = InferenceOptions.parse(row)
         if options.cuda_graphs and device.type != "cuda":
-            lines.append(f"| {row} | skipped: CUDA graphs need CUDA | |")
+            yield f"| {row} | skipped: CUDA graphs need CUDA | |"
             continue
         base.denoise(noisy, **kwargs, batch_size=n, inference=options)  # warm-up, compilation
         _sync(device)
@@ -265,8 +266,24 @@ def model_tables(cfg, device: torch.device, args) -> list[str]:
         base.denoise(noisy, **kwargs, batch_size=n, inference=options)
         _sync(device)
         seconds = time.perf_counter() - start
-        lines.append(f"| {row} | {seconds:.3g} | {1000 * seconds / n:.3g} |")
-    return lines
+        yield f"| {row} | {seconds:.3g} | {1000 * seconds / n:.3g} |"
+
+
+class Echo(list):
+    """Output lines that are printed as they are added, so the rows measured so far survive a
+    run stopped by a time limit."""
+
+    def append(self, line) -> None:
+        print(line, flush=True)
+        super().append(line)
+
+    def extend(self, lines) -> None:
+        for line in lines:
+            self.append(line)
+
+    def __iadd__(self, lines):
+        self.extend(lines)
+        return self
 
 
 def cpu_name() -> str:
@@ -315,14 +332,14 @@ def main(argv: list[str] | None = None) -> str:
         InferenceOptions.parse(row)
     args.slice_size = args.slice_size or (512 if kind == "cuda" else 128)
     args.denoise_batch = args.denoise_batch or (8 if kind == "cuda" else 1)
-    lines = header(args.config, device)
+    lines = Echo()
+    lines += header(args.config, device)
     if args.data:  # the data loader alone (diffusion_modules/diffusion_utils/loader_check.py)
         datamodule = instantiate_from_configs(cfg.data, "data", allow_targets=cfg.get("allow_targets"))
         lines += data_benchmark(datamodule, args.data_workers, max_batches=5 * args.steps)
     else:
         lines += compare_with_peer(cfg, device, args) if args.peer else model_tables(cfg, device, args)
     text = "\n".join(lines) + "\n"
-    print(text, end="")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
