@@ -220,6 +220,12 @@ def build_run(cfg: DictConfig, resume: str | Path | None = None, ckpt: dict | No
     if hasattr(datamodule, "train_seed"):  # training order, noise and augmentation follow `seed`
         datamodule.train_seed = seed
     model = _instantiate(cfg.model, "model", allow)
+    check_model = getattr(datamodule, "check_model", None)  # the stacks the model takes are the data's
+    if check_model is not None:
+        try:
+            check_model(model)
+        except ValueError as err:
+            raise ConfigError(f"model.params.context_slices: {err}") from err
     if resume:
         check_resume_checkpoint(model, ckpt if ckpt is not None else read_checkpoint(resume, resume), resume)
     elif cfg.get("init_from"):

@@ -85,8 +85,8 @@ BAD = {  # name -> (overrides, resume, the message on stderr after "dm4mi-condit
                         r"logging\.save_dir .*head_ct\.nii\.gz: is not a folder"),
     "devices 0 (a Lightning refusal)": (["trainer.devices=0"], None, r"trainer: `Trainer\(devices=0\)` value is not a valid"),
     "bogus precision": (["trainer.precision=bogus"], None, r"trainer: Precision 'bogus' is invalid"),
-    "unknown method type": ([*EVAL, "evaluation.methods=[{name: a, type: noisy}, {name: b, type: bm4d}]"], None,
-                            r"evaluation\.methods\[1\]\.type: 'bm4d' is not one of .*did you mean 'bm3d'"),
+    "unknown method type": ([*EVAL, "evaluation.methods=[{name: a, type: noisy}, {name: b, type: bm3}]"], None,
+                            r"evaluation\.methods\[1\]\.type: 'bm3' is not one of .*did you mean 'bm3d'"),
     "unknown method key": ([*EVAL, "evaluation.methods=[{name: a, type: ddpm, parms: {steps: 2}}]"], None,
                            r"evaluation\.methods\[0\]\.parms: unknown key; did you mean 'params'"),
     "unknown method param": ([*EVAL, "evaluation.methods=[{name: a, type: ddpm, params: {stepz: 2}}]"], None,
@@ -97,6 +97,8 @@ BAD = {  # name -> (overrides, resume, the message on stderr after "dm4mi-condit
                              r"evaluation\.methods: method names must be unique .*\['a'\]"),
     "unknown noise type": ([*EVAL, "evaluation.noise_type=poisson"], None,
                            r"evaluation\.noise_type: 'poisson' is not one of gaussian"),
+    "model and data stacks differ": (["data.params.context_slices=1"], None,
+                                     r"model\.params\.context_slices: the model's context_slices is 0 but the data's"),
 }
 
 
