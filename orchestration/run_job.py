@@ -14,7 +14,7 @@ from orchestration.cli import USER_ERRORS
 from orchestration.config_checks import MAIN_JOB_MODEL_KEYS, check_evaluation_ready, check_run_config
 from orchestration.evaluation_job import checked_test_volumes, run_evaluation
 from orchestration.training import TrainingStarted, build_run, make_run_dir, train
-from utils.initialize_configs import load_config, validate_target_config
+from utils.initialize_configs import ConfigError, load_config, validate_target_config
 from utils.paths import resolve_path
 
 
@@ -82,6 +82,12 @@ def prepare_job(cfg: DictConfig, resume: str | Path | None = None) -> dict:
         ucfg = load_config(resolve_path(ev.unet_config))
         check_run_config(ucfg)
         validate_target_config(ucfg.model, "model", allow_targets=cfg.get("allow_targets"))
+        unet_k = (ucfg.model.get("params") or {}).get("context_slices", 0)
+        data_k = (cfg.data.get("params") or {}).get("context_slices", 0)
+        if unet_k != data_k:  # the baseline trains on this run's data after the DDPM: refuse it now
+            raise ConfigError(f"evaluation.unet_config {ev.unet_config}: its model's context_slices is {unet_k}, "
+                              f"this run's data.params.context_slices is {data_k}; use a U-Net config of the same "
+                              "stacks (e.g. configs/unet/bundled_ct_mr_unet_context.yaml for 1)")
     return {"built": built, "evaluate": evaluate, "models": models, "tests": tests}
 
 

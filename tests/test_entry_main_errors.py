@@ -99,6 +99,12 @@ BAD = {  # name -> (overrides, resume, the message on stderr after "dm4mi-condit
                            r"evaluation\.noise_type: 'poisson' is not one of gaussian"),
     "model and data stacks differ": (["data.params.context_slices=1"], None,
                                      r"model\.params\.context_slices: the model's context_slices is 0 but the data's"),
+    "U-Net baseline of other stacks": ([*EVAL, "evaluation.methods=[{name: a, type: noisy}]",
+                                        "evaluation.unet_config=run_scripts/configs/unet/bundled_ct_mr_unet.yaml",
+                                        "data.params.context_slices=1", "model.params.context_slices=1",
+                                        "model.params.unet_rosinality_config.params.in_channel=4"], None,
+                                       r"evaluation\.unet_config .*: its model's context_slices is 0, this run's "
+                                       r"data\.params\.context_slices is 1"),
 }
 
 
