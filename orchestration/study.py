@@ -96,8 +96,13 @@ def expand_strategies(strategies, k_params: dict) -> tuple[list[dict], dict]:
 
 
 def _model_run_config(entry: dict, run_cfg, overrides, noise: dict | None, key: str):
-    cfg = load_config(resolve_path(entry["config"]), list(overrides) + list(entry.get("overrides") or []))
+    """The run config that trains model ``key``: its own config with the overrides, the data
+    and seed of the study's run config, the overrides of ``data.*`` applied again on top (they
+    were lost with the model config's data section), and the noise entry's training noise."""
+    overrides = list(overrides) + list(entry.get("overrides") or [])
+    cfg = load_config(resolve_path(entry["config"]), overrides)
     cfg.data, cfg.seed = run_cfg.data, run_cfg.get("seed", 0)
+    cfg = apply_overrides(cfg, [o for o in overrides if o.split("=", 1)[0].strip().startswith("data.")])
     cfg.evaluation = {"enabled": False}
     cfg.logging = OmegaConf.merge(cfg.get("logging", {}), {"name": key, "logger": "csv"})
     if noise and noise.get("train_noise"):
