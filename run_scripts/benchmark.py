@@ -149,7 +149,7 @@ def schedule(cfg) -> GaussianDiffusion:
 def time_ddim(net, diffusion, size: int, batch: int, nfe: int, options: InferenceOptions, device) -> float:
     """Seconds per call of ``nfe`` DDIM steps from the matched start of sigma 0.1 (x_t and the
     noisy condition concatenated) on a copy of ``net`` run with ``options``, after a warm-up call."""
-    net = copy.deepcopy(net).eval()
+    net = copy.deepcopy(net).eval().requires_grad_(False)  # inference: channels_last weights converted once
     diffusion = diffusion.to(device)
     cond = torch.rand(batch, 1, size, size, device=device) * 2 - 1
     t_star = matched_timestep(diffusion, 0.1)
@@ -181,10 +181,11 @@ def compare_with_peer(cfg, device: torch.device, args):
     ours = instantiate_from_configs(unet_cfg, "model.params.unet_rosinality_config").to(device).train()
     peer = PeerNet(peer_unet(dict(unet_cfg.params))).to(device).train()
     n_ours, n_peer = (sum(p.numel() for p in m.parameters()) for m in (ours, peer))
-    yield from [f"ours {n_ours:,} parameters, diffusers UNet2DModel {n_peer:,}", "",
-                "Training (forward, backward, AdamW step):", "",
-                "| case | options | batch | ours img/s | peer img/s | ratio ours / peer | our TFLOP/s | our MFU |",
-                "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    yield f"ours {n_ours:,} parameters, diffusers UNet2DModel {n_peer:,}"
+    if args.sizes:
+        yield from ["", "Training (forward, backward, AdamW step):", "",
+                    "| case | options | batch | ours img/s | peer img/s | ratio ours / peer | our TFLOP/s | our MFU |",
+                    "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     call = lambda n, x, t: n(x, t)
     for size in args.sizes:
         batch = args.batch_size or default_batch(device, size)
@@ -199,9 +200,10 @@ def compare_with_peer(cfg, device: torch.device, args):
             yield (f"| {size} x {size} | {row} | {batch} | {ours_ips:.3g} | {peer_ips:.3g} | "
                    f"{ours_ips / peer_ips:.2f} | {tflops:.3f} | {mfu} |")
     diffusion, size, batch = schedule(cfg), args.slice_size, args.denoise_batch
-    yield from ["", f"Denoising: {args.nfe}-step DDIM from the matched start (sigma 0.1), {size} x {size}, "
-                f"batch {batch}, the same loop for both:", "",
-                "| options | ours ms / slice | peer ms / slice | speed ours / peer |", "| --- | --- | --- | --- |"]
+    if args.denoise_options:
+        yield from ["", f"Denoising: {args.nfe}-step DDIM from the matched start (sigma 0.1), {size} x {size}, "
+                    f"batch {batch}, the same loop for both:", "",
+                    "| options | ours ms / slice | peer ms / slice | speed ours / peer |", "| --- | --- | --- | --- |"]
     for row in args.denoise_options:
         options = InferenceOptions.parse(row)
         if options.cuda_graphs and device.type != "cuda":
@@ -219,8 +221,10 @@ def model_tables(cfg, device: torch.device, args):
     size = cfg.model.params.get("image_size", 64)
     batch_size = args.batch_size or default_batch(device, size)
     n_params = sum(p.numel() for p in base.unet.parameters())
-    yield from [f"UNet {n_params / 1e6:.2f} M parameters", "", "Training (shared_step, AdamW, EMA update):", "",
-                "| options | batch | size | steps/s | images/s |", "| --- | --- | --- | --- | --- |"]
+    yield f"UNet {n_params / 1e6:.2f} M parameters"
+    if args.options:
+        yield from ["", "Training (shared_step, AdamW, EMA update):", "",
+                    "| options | batch | size | steps/s | images/s |", "| --- | --- | --- | --- | --- |"]
     for row in args.options:
         options, model = train_options(row), copy.deepcopy(base).train()
         if options["channels_last"]:
@@ -228,7 +232,8 @@ def model_tables(cfg, device: torch.device, args):
         if options["compile"]:
             model.unet.compile()
         opt = torch.optim.AdamW(model.unet.parameters(), lr=1e-4, **({"fused": True} if options["fused"] else {}))
-        batch = {k: torch.rand(batch_size, 1, size, size, device=device) * 2 - 1 for k in ("x_prior", "x_cond")}
+        batch = {k: torch.rand(batch_size, c, size, size, device=device) * 2 - 1
+                 for k, c in (("x_prior", 1), ("x_cond", getattr(base, "condition_channels", 1)))}
         autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options["precision"] == "bf16")
         for i in range(args.steps + 2):
             if i == 2:
@@ -244,26 +249,27 @@ def model_tables(cfg, device: torch.device, args):
         _sync(device)
         train_s = (time.perf_counter() - start) / args.steps
         yield f"| {row} | {batch_size} | {size} x {size} | {1 / train_s:.3g} | {batch_size / train_s:.3g} |"
-    if not hasattr(base, "denoise"):
+    if not hasattr(base, "denoise") or not args.denoise_options:
         return
     sampling = dict(cfg.get("sampling") or {})
     kwargs = {**sampling, "sigma": 0.1} if sampling.get("t_start") == "auto" else sampling
     kwargs.pop("inference", None)
     n = args.denoise_batch
-    noisy = torch.rand(n, 1, args.slice_size, args.slice_size, device=device) * 2 - 1
+    channels = getattr(base, "condition_channels", 1)  # the slice and its neighbours for a 2.5D model
+    noisy = torch.rand(n, channels, args.slice_size, args.slice_size, device=device) * 2 - 1
     yield from ["", f"Denoising ({type(base).__name__}.denoise with sampling {sampling}), {n} slice(s) of "
                 f"{args.slice_size} x {args.slice_size} per call:", "",
                 "| options | s per call | ms per slice |", "| --- | --- | --- |"]
-    base.eval()
     for row in args.denoise_options:
         options = InferenceOptions.parse(row)
         if options.cuda_graphs and device.type != "cuda":
             yield f"| {row} | skipped: CUDA graphs need CUDA | |"
             continue
-        base.denoise(noisy, **kwargs, batch_size=n, inference=options)  # warm-up, compilation
+        model = copy.deepcopy(base).eval().requires_grad_(False)  # as denoise.py loads it
+        model.denoise(noisy, **kwargs, batch_size=n, inference=options)  # warm-up, compilation
         _sync(device)
         start = time.perf_counter()
-        base.denoise(noisy, **kwargs, batch_size=n, inference=options)
+        model.denoise(noisy, **kwargs, batch_size=n, inference=options)
         _sync(device)
         seconds = time.perf_counter() - start
         yield f"| {row} | {seconds:.3g} | {1000 * seconds / n:.3g} |"
@@ -309,11 +315,13 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--slice-size", type=int, help="denoised slice side (default 512 on CUDA, 128 on CPU)")
     parser.add_argument("--denoise-batch", type=int, help="slices per denoising call (default 8 on CUDA, 1 on CPU)")
     parser.add_argument("--nfe", type=int, default=10, help="DDIM steps of the --peer denoising loop")
-    parser.add_argument("--options", nargs="+", help="training rows, '+'-joined of fp32 bf16 cl fused compile")
-    parser.add_argument("--denoise-options", nargs="+",
-                        help="denoising rows, '+'-joined of fp32 bf16 cl compile graphs")
+    parser.add_argument("--options", nargs="*",
+                        help="training rows, '+'-joined of fp32 bf16 cl fused compile (none given: no training)")
+    parser.add_argument("--denoise-options", nargs="*",
+                        help="denoising rows, '+'-joined of fp32 bf16 cl compile graphs (none given: no denoising)")
     parser.add_argument("--peer", action="store_true", help="compare our UNet with diffusers' UNet2DModel")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256], help="image sides for --peer")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[64, 256],
+                        help="image sides for --peer's training rows (none given: no training rows)")
     parser.add_argument("--peak-tflops", type=float, help="the device's peak (e.g. 989 for H100 bf16) for MFU")
     parser.add_argument("--out", help="also write the Markdown table to this file")
     parser.add_argument("--data", action="store_true", help="instead: the training loader's patches/s per worker "
@@ -324,8 +332,8 @@ def main(argv: list[str] | None = None) -> str:
     cfg = load_config(args.config, args.overrides)
     device = torch.device(args.device)
     kind = "cuda" if device.type == "cuda" else "cpu"
-    args.options = args.options or DEFAULT_OPTIONS[kind][0]
-    args.denoise_options = args.denoise_options or DEFAULT_OPTIONS[kind][1]
+    args.options = DEFAULT_OPTIONS[kind][0] if args.options is None else args.options
+    args.denoise_options = DEFAULT_OPTIONS[kind][1] if args.denoise_options is None else args.denoise_options
     for row in args.options:
         train_options(row)  # refuse a bad row before any timing
     for row in args.denoise_options:

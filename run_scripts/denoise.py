@@ -85,6 +85,7 @@ def run(argv: list[str] | None = None) -> dict:
     check_device(inference, torch.device(device))
     check_output_paths(args.input, args.output, args.std, args.output_dicom)
     model = load_checkpoint(ConditionDDPM, args.ckpt, map_location=device)
+    model.requires_grad_(False)  # inference only: channels_last weights are converted once, CUDA graphs replay
     info = denoise_volume(model, args.input, args.output, std_path=args.std, output_dicom=args.output_dicom,
                           modality=args.modality, sigma=args.sigma, steps=args.steps, n_samples=args.samples,
                           eta=args.eta, plane=args.plane, batch_size=args.batch_size, tile=args.tile,

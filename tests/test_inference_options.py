@@ -7,6 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from diffusion_modules.diffusion_utils import inference
 from diffusion_modules.diffusion_utils.inference import InferenceOptions, optimized_networks
@@ -46,10 +47,11 @@ def run(model, options, x=None):
 
 
 def assert_untouched(model, params_before):
-    """No wrapper left on the networks, weights back in the standard layout, same Parameters."""
+    """No wrapper left on the networks, the trained weights back in the standard layout (the EMA
+    copy, which takes no gradient, may keep channels_last), the same Parameter objects."""
     for net in (model.unet, model.unet_ema):
         assert "forward" not in net.__dict__
-        assert all(p.is_contiguous() for p in net.parameters())
+    assert all(p.is_contiguous() for p in model.unet.parameters())
     assert [id(p) for p in model.parameters()] == params_before
 
 
@@ -87,6 +89,8 @@ def test_the_sampling_section_and_method_params_take_inference_options():
         SamplingOptions.from_mapping({"inference": {"precison": "bf16"}})
     with pytest.raises(ConfigError, match=r"sampling\.inference: expected dict or InferenceOptions or null"):
         SamplingOptions.from_mapping({"inference": "bf16"})
+    node = OmegaConf.create({"inference": {"compile": True}})  # a merged config's node (the study)
+    assert opts.updated({"inference": node.inference}).inference == InferenceOptions("bf16", compile=True)
     check_methods([{"type": "ddpm", "params": {"inference": {"precision": "bf16", "channels_last": True}}}])
     with pytest.raises(ConfigError, match=r"evaluation\.methods\[0\]\.params\.inference: precision 'int8'"):
         check_methods([{"type": "ddpm", "params": {"inference": {"precision": "int8"}}}], {"steps": 2})
@@ -101,6 +105,11 @@ def test_channels_last_gives_the_fp32_result_and_leaves_the_model_as_found():
     assert got.dtype == torch.float32 and got.is_contiguous()
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)  # the same maths, another memory order
     assert_untouched(model, before)
+    conv = model.unet_ema.conv_in.weight  # the EMA weights sampled from: no gradient, the layout is kept
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    pointer = conv.data_ptr()
+    torch.testing.assert_close(run(model, {"channels_last": True}), got, rtol=0, atol=0)
+    assert model.unet_ema.conv_in.weight.data_ptr() == pointer  # not converted again (CUDA graphs replay)
 
 
 def test_bf16_runs_the_network_in_bf16_and_returns_float32_close_to_fp32(monkeypatch):

@@ -6,9 +6,11 @@ Only the network runs differently: inside the context each given module's ``forw
 replaced (an instance attribute, removed again on exit) by a wrapper that makes the input
 channels_last, runs the class's own ``forward`` (compiled, or not) under
 ``torch.autocast(bfloat16)`` and returns float32, so the sampler's arithmetic (the DDIM
-update, clipping, the ensemble mean) stays in float32 whatever the options. Weights turned
-channels_last are turned back on exit, so a model in training (an optimizer holding its
-parameters) is left as it was found.
+update, clipping, the ensemble mean) stays in float32 whatever the options. Weights that take
+gradients and were turned channels_last are turned back on exit, so a model in training (an
+optimizer holding its parameters) is left as it was found; weights that take none (an EMA
+copy, a model loaded for inference with ``requires_grad_(False)``) stay channels_last, so the
+next call neither converts them again nor, with CUDA graphs, re-records its graphs.
 
 - ``precision``: ``fp32`` or ``bf16`` (autocast: convolutions, matmuls and attention in
   bfloat16 with float32 accumulation; on CPU and on CUDA devices that support it).
@@ -191,4 +193,5 @@ def optimized_networks(modules: Iterable[torch.nn.Module | None], options, devic
         for module in installed:
             del module.forward
         for tensor in changed:
-            tensor.data = tensor.data.contiguous()
+            if tensor.requires_grad:  # in training; no-grad weights keep the layout for the next call
+                tensor.data = tensor.data.contiguous()

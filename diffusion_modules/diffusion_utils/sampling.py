@@ -230,6 +230,8 @@ class SamplingOptions:
         """Options from a config section; an unknown key or a wrong type is a ConfigError
         naming ``path.key``, a bad value a ValueError naming ``path``."""
         values = dict(values or {})
+        if isinstance(values.get("inference"), Mapping):  # e.g. an OmegaConf node of a merged config
+            values["inference"] = dict(values["inference"])
         check_keys(values, [f.name for f in fields(cls)], cls.TYPES, path)
         if "inference" in values:
             values["inference"] = InferenceOptions.coerce(values["inference"], f"{path}.inference")
