@@ -139,7 +139,9 @@ def test_a_split_file_that_does_not_fit_is_refused_naming_the_rows(tmp_path):
     with pytest.raises(ValueError, match="was slab-split"):
         dm(str(m), tmp_path, split={"file": str(tmp_path / "slab.csv")})
     with pytest.raises(ValueError, match="mode 'file' needs"):
-        dm(str(m), tmp_path, split={"mode": "subject", "file": str(path)})
+        dm(str(m), tmp_path, split={"mode": "file"})
+    # an override split={file: ...} merged into a config's {mode: subject, ...} reads the file
+    assert dm(str(m), tmp_path, split={"mode": "subject", "file": str(path)}).assignment == data.assignment
 
 
 def _train_writes_the_split() -> bool:

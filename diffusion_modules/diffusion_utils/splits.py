@@ -12,7 +12,8 @@ Modes:
            ``fractions`` within each modality group (subjects with CT only, MR only, both),
            so that val and test get each modality where the group is large enough. Train,
            val and test each get at least one subject.
-  file:    ``{file: .../split.csv}``: the assignment a previous run wrote, reused exactly.
+  file:    ``{file: .../split.csv}`` (any other mode given beside it is overridden): the
+           assignment a previous run wrote, reused exactly.
            Every volume must be listed by name, no row may name a volume the list lacks,
            and no subject may cross splits under the current subjects.
 
@@ -38,19 +39,20 @@ DEFAULT_SPLIT = {"mode": "slab", "fractions": [0.7, 0.15, 0.15], "gap": 4, "file
 
 def check_split_config(split) -> dict:
     """The split config with defaults: mode, fractions, gap, file; ValueError naming a bad key.
-    ``{file: path}`` alone means mode ``file``."""
+    A ``file`` means mode ``file`` whatever ``mode`` says (an override ``split={file: ...}``
+    merges into the config's split mapping, whose mode it replaces)."""
     given = {k: split[k] for k in split} if split is not None else {}
     cfg = dict(DEFAULT_SPLIT)
     cfg.update(given)
     unknown = set(cfg) - set(DEFAULT_SPLIT)
     if unknown:
         raise ValueError(f"unknown split key(s) {sorted(unknown)}: allowed {sorted(DEFAULT_SPLIT)}")
-    if cfg["file"] not in (None, "") and "mode" not in given:
+    if cfg["file"] not in (None, ""):
         cfg["mode"] = "file"
     if cfg["mode"] not in MODES:
         raise ValueError(f"unknown split mode {cfg['mode']!r}: expected one of {', '.join(repr(m) for m in MODES)}")
-    if (cfg["mode"] == "file") != (cfg["file"] not in (None, "")):
-        raise ValueError("split: mode 'file' needs `file: <split.csv of an earlier run>`, and `file` needs mode 'file'")
+    if cfg["mode"] == "file" and cfg["file"] in (None, ""):
+        raise ValueError("split: mode 'file' needs `file: <split.csv of an earlier run>`")
     fractions = [float(f) for f in cfg["fractions"]]
     if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
         raise ValueError(f"split fractions {fractions} must be 3 positive numbers summing to 1")
