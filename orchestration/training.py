@@ -244,6 +244,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: str | Path | None = None, buil
     if resume:  # temporaries of the killed run beside its checkpoint (utils/atomic.py)
         remove_stale_temporaries(Path(resume).parent)
     save_config(cfg, run_dir / "config.yaml")
+    getattr(datamodule, "write_split", lambda path: None)(run_dir / "split.csv")  # <run>/split.csv: each volume's split
     run_info = write_run_info(run_dir)  # git commit (dirty or not) and versions: <run>/run_info.yaml
     trainer = build_trainer(cfg, run_dir)
     trainer.callbacks.extend(callbacks)
