@@ -9,7 +9,12 @@ Scores are computed in [0,1] units (dynamic range 1); saved predictions are in p
 units (HU for CT): x_phys = low + x01 * (high - low).
 A slice may carry "set" ("same-subject", the default: held-out slabs of the training
 volumes; "unseen": a volume no training split touches) and "label" (e.g. "resolution
-shift"); rows, tables and figure rows are kept apart by set.
+shift"); rows, tables and figure rows are kept apart by set. It may carry its volume
+context: "volume", the clean (S,H,W) stack of consecutive slices it belongs to (a test
+slab, an unseen volume; one array shared by the slices of a source) and "volume_index",
+its position in it. The noise of a slice is keyed by (noise seed, level, source, slice
+index), so a slice is the same noisy slice whether it is scored, a 2.5D model's
+neighbour or part of BM4D's volume.
 
 ``evaluate`` writes into out_dir (see evaluation.reporting):
   scores.csv               one row per (level, slice, method), column "set"
@@ -32,8 +37,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffusion_modules.diffusion_utils.context import context_indices
 from diffusion_modules.diffusion_utils.noise import NOISE_TYPES, noise_at_level, noise_for_volume
-from evaluation.denoisers import NoisyInput
+from evaluation.denoisers import NoisyInput, volume_runs
 from evaluation.reporting import (
     SETS,
     SUMMARY_PANELS,
@@ -61,9 +67,63 @@ CT_WINDOW = (40.0, 80.0)
 
 # ----------------------------------------------------------------------------- noise
 def noise_rng(noise_seed: int, sigma: float, slice_number: int) -> np.random.Generator:
-    """Generator for the noise of slice ``slice_number`` (its position in the slice
-    list) at level sigma (or i0): the same for every method and every run."""
+    """Generator keyed by a position in a list of slices (run_scripts/sampling_study.py);
+    ``evaluate`` keys the noise by slice instead (``slice_rng``)."""
     return np.random.default_rng([int(noise_seed), int(round(sigma * 1e6)), int(slice_number)])
+
+
+def source_key(source: str) -> int:
+    """A source name as a number for seeding (crc32 of its UTF-8 bytes)."""
+    return zlib.crc32(str(source).encode())
+
+
+def slice_rng(noise_seed: int, level: float, source: str, slice_index: int) -> np.random.Generator:
+    """Generator for the noise of slice ``slice_index`` (its index in its volume) of
+    ``source`` at level sigma (or i0): default_rng([noise_seed, round(level * 1e6),
+    crc32(source), slice_index]). The same wherever the slice is used (scored, a 2.5D
+    neighbour, a slice of BM4D's volume), for every method and every run; every slice
+    has its own draw."""
+    return np.random.default_rng([int(noise_seed), int(round(level * 1e6)), source_key(source), int(slice_index)])
+
+
+def volume_of(s: dict):
+    """(clean (S,H,W) stack, position of the slice in it) of a slice dict: its "volume"
+    and "volume_index", or the slice alone as a stack of one."""
+    if "volume" in s:
+        return s["volume"], int(s["volume_index"])
+    return np.asarray(s["clean"])[None], 0
+
+
+class NoisySlices:
+    """The noisy slices of one level, each made once and keyed (source, slice index in its
+    volume): a scored slice, a 2.5D neighbour and a slice of a 3-D method's volume are the
+    same voxels."""
+
+    def __init__(self, noise, noise_seed: int, level: float):
+        self.noise, self.noise_seed, self.level, self.made = noise, int(noise_seed), level, {}
+
+    def at(self, s: dict, j: int):
+        """(noisy01 float32, noise std) of position j of slice dict s's volume."""
+        volume, index = volume_of(s)
+        z = int(s["slice_index"]) - index + int(j)
+        key = (s["source"], z)
+        if key not in self.made:
+            clean = np.asarray(volume[j], dtype=np.float32)
+            self.made[key] = slice_noise(self.noise, s, clean, slice_rng(self.noise_seed, self.level, s["source"], z))
+        return self.made[key]
+
+    def context(self, s: dict, k: int) -> np.ndarray:
+        """(1+2k, H, W): the noisy slice and its k noisy neighbours on each side
+        (``context_indices`` order, reflected at the volume's ends)."""
+        volume, index = volume_of(s)
+        return np.stack([self.at(s, j)[0] for j in context_indices(index, k, len(volume))])
+
+    def volume(self, s: dict, run: range | None = None):
+        """(noisy (S,H,W) stack of s's volume (positions ``run``, default all), the noise std
+        of its slices: their common level, or the mean of each slice's (low-dose CT))."""
+        made = [self.at(s, j) for j in (range(len(volume_of(s)[0])) if run is None else run)]
+        stds = {float(m[1]) for m in made}
+        return np.stack([m[0] for m in made]), stds.pop() if len(stds) == 1 else float(np.mean([m[1] for m in made]))
 
 
 def slice_noise(noise, s: dict, clean01: np.ndarray, rng: np.random.Generator):
@@ -72,10 +132,12 @@ def slice_noise(noise, s: dict, clean01: np.ndarray, rng: np.random.Generator):
     return noise_for_volume(noise, s["norm"], s["spacing"])(clean01, rng)
 
 
-def _seed_torch(noise_seed: int, sigma: float, slice_number: int, method: str) -> None:
-    """Seeds torch for one model call so sampling does not depend on method order."""
+def _seed_torch(noise_seed: int, sigma: float, s: dict, method: str) -> None:
+    """Seeds torch for one model call, keyed like the slice's noise (source, slice index),
+    so sampling depends neither on method order nor on the slice's place in the list."""
     seq = np.random.SeedSequence(
-        [int(noise_seed), int(round(sigma * 1e6)), int(slice_number), zlib.crc32(method.encode())]
+        [int(noise_seed), int(round(sigma * 1e6)), source_key(s["source"]), int(s["slice_index"]),
+         zlib.crc32(method.encode())]
     )
     torch.manual_seed(int(seq.generate_state(1)[0]))
 
@@ -104,6 +166,12 @@ def _check_inputs(denoisers, slices, sigmas, noise_type, noise_params):
             raise ValueError(f"slice {i} ({s['source']}): clean must be (H,W), got {clean.shape}")
         if not np.all(np.isfinite(clean)):
             raise ValueError(f"slice {i} ({s['source']}): clean contains NaN or inf")
+        if "volume" in s:
+            volume, index = s["volume"], s.get("volume_index")
+            if (np.ndim(volume) != 3 or not isinstance(index, (int, np.integer)) or not 0 <= index < len(volume)
+                    or not np.array_equal(volume[index], clean)):
+                raise ValueError(f"slice {i} ({s['source']} z={s['slice_index']}): volume must be an (S,H,W) "
+                                 "stack whose volume_index-th slice is the clean slice")
         for key in ("low", "high"):
             if key not in s["norm"]:
                 raise ValueError(f"slice {i} ({s['source']}): norm lacks {key!r}")
@@ -162,11 +230,15 @@ def evaluate(
         "slice_index", "spacing" (mm: in-plane axis 0, axis 1, slice), "norm":
         {"low", "high", ...} physical units} as given by the data module's test_slices();
         optional "set" ("same-subject" default, or "unseen") and "label". Source names
-        must not be shared between sets.
+        must not be shared between sets. Optional volume context: "volume" (clean (S,H,W)
+        stack of consecutive slices, shared by a source's slices) and "volume_index" (the
+        slice's position in it): 2.5D models take their neighbours from it (reflected at
+        its ends), 3-D methods (BM4D) denoise all of it. Without it a slice is a volume of one.
     sigmas: the noise levels: sigma (std on the [0,1] scale) for "gaussian" and
         "rician", i0 (photons per detector bin, > 0) for "lowdose_ct" (CT slices only).
-    noise_seed: the noise of slice number i at level x comes from
-        default_rng([noise_seed, round(x * 1e6), i]); every method sees the same noise.
+    noise_seed: the noise of slice z (index in its volume) of source at level x comes from
+        ``slice_rng``: default_rng([noise_seed, round(x * 1e6), crc32(source), z]); every
+        method sees the same noisy voxels, as a scored slice, neighbour or volume slice.
     noise_type: "gaussian", "rician" or "lowdose_ct" (noise.NOISE_TYPES).
     save_predictions: write TIFF / NIfTI predictions in physical units.
     n_examples: example slices per modality in examples.png (0: no figure).
@@ -194,19 +266,29 @@ def evaluate(
     saved = {}
     noise_info = {"noise_type": noise_type, "level_unit": level_unit(noise_type)}
     progress = tqdm(total=len(sigmas) * len(slices), desc="evaluate", leave=False)
+    scored = {}  # source -> positions of its scored slices in its volume (3-D methods' runs)
+    for s in slices:
+        scored.setdefault(s["source"], []).append(volume_of(s)[1])
 
     for sigma in sigmas:
+        noisy_slices, volume_preds = NoisySlices(noise_models[sigma], noise_seed, sigma), {}
         for i, s in enumerate(slices):
             clean = np.asarray(s["clean"], dtype=np.float32)
-            noisy, noise_std = slice_noise(noise_models[sigma], s, clean, noise_rng(noise_seed, sigma, i))
+            noisy, noise_std = noisy_slices.at(s, volume_of(s)[1])
             example = None
             if i in example_numbers:
                 example = {"number": i, "slice": s, "sigma": sigma, "clean": clean, "noisy": noisy,
                            "preds": {}, "stds": {}, "psnr": {}}
                 examples.append(example)
             for d in denoisers:
-                _seed_torch(noise_seed, sigma, i, d.name)
-                pred, std, seconds = _timed(d, noisy, noise_std)
+                if getattr(d, "sets", None) is not None and slice_set(s) not in d.sets:
+                    continue
+                _seed_torch(noise_seed, sigma, s, d.name)
+                k = int(getattr(d, "context_slices", 0) or 0)
+                if getattr(d, "volumetric", False):
+                    pred, std, seconds = _volume_prediction(d, s, noisy_slices, volume_preds, scored[s["source"]])
+                else:
+                    pred, std, seconds = _timed(d, noisy_slices.context(s, k) if k else noisy, noise_std)
                 if pred.shape != clean.shape or not np.all(np.isfinite(pred)):
                     raise ValueError(
                         f"method {d.name!r} returned shape {pred.shape} / non-finite values "
@@ -243,6 +325,27 @@ def evaluate(
             save_nifti(pred_dir, name, sigma, source, items, noise_type)
         result["predictions_dir"] = pred_dir
     return result
+
+
+def _volume_prediction(denoiser, s, noisy_slices, cache, scored):
+    """(pred01 of slice s, None, seconds) of a 3-D method: the whole noisy volume of s's
+    source (or, with the method's ``max_slices``, the run of slices around the scored ones
+    that holds s: ``volume_runs``) denoised once per level (seconds: that time per slice)."""
+    index = volume_of(s)[1]
+    run = next(r for r in volume_runs(scored, len(volume_of(s)[0]), getattr(denoiser, "max_slices", None))
+               if index in r)
+    key = (denoiser.name, s["source"], run.start)
+    if key not in cache:
+        stack, noise_std = noisy_slices.volume(s, run)
+        start = time.perf_counter()
+        pred = np.asarray(denoiser.denoise_volume(stack, noise_std), dtype=np.float32)
+        seconds = time.perf_counter() - start
+        if pred.shape != stack.shape:
+            raise ValueError(f"method {denoiser.name!r} returned shape {pred.shape} for the volume of "
+                             f"{s['source']}, expected {stack.shape}")
+        cache[key] = (pred, seconds / len(stack))
+    pred, seconds = cache[key]
+    return pred[index - run.start], None, seconds
 
 
 def _timed(denoiser, noisy, sigma):

@@ -301,7 +301,8 @@ def plot_examples(path: Path, examples, noise_type: str = "gaussian") -> Path:
         hi = hi if hi > lo else lo + 1.0
         s = ex["slice"]
         images = [("clean", ex["clean"]), (f"noisy {symbol}={ex['sigma']:g}", ex["noisy"])]
-        images += [(f"{m}\n{ex['psnr'][m]:.2f} dB", ex["preds"].get(m)) for m in methods]
+        images += [(f"{m}\n{ex['psnr'][m]:.2f} dB" if m in ex["psnr"] else f"{m}\n(not scored)", ex["preds"].get(m))
+                   for m in methods]  # a method restricted to other sets (its ``sets``) has no image here
         for c, (title, img) in enumerate(images):
             ax = axes[r, c]
             if img is not None:

@@ -4,7 +4,7 @@ Input: the per-slice rows of ``evaluate`` (one ``scores.csv`` per noise type) an
 method name, what it is: ``{"strategy", "nfe", "k", "guidance"}`` (``nfe``: network
 evaluations per sample, ``k``: samples averaged, ``guidance``: CFG scale or None).
 Scores are compared per slice: each difference pairs a method with a reference
-(BM3D, the U-Net) on the same slice, noise draw and level.
+(BM3D, BM4D, the U-Net) on the same slice, noise draw and level.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from diffusion_modules.diffusion_utils.noise import NOISE_TYPES
 from diffusion_modules.diffusion_utils.sampling import SamplingOptions
-from evaluation.denoisers import DENOISER_TYPES, BM3DDenoiser, NLMDenoiser, NoisyInput
+from evaluation.denoisers import DENOISER_TYPES, METHOD_SETS, BM3DDenoiser, BM4DDenoiser, NLMDenoiser, NoisyInput
 from models.supervised_unet import SupervisedUNet
 from utils.config_keys import NUMBER, check_keys
 from utils.initialize_configs import ConfigError
@@ -50,7 +50,8 @@ TRAINER_SPEED = {"fused_adamw": (bool, None), "pin_memory": (bool, None), "chann
 
 
 #: keys of an ``evaluation.methods`` entry (evaluation.denoisers.build_denoiser) and their types
-METHOD = {"name": (str,), "type": (str,), "model": (str,), "params": (dict, None), "sigma": (str,)}
+METHOD = {"name": (str,), "type": (str,), "model": (str,), "params": (dict, None), "sigma": (str,),
+          "sets": (list, None)}
 #: the model keys the main job can load: its own model, the U-Net baseline, the shipped DDPM
 MAIN_JOB_MODEL_KEYS = ("ddpm", "unet", "ddpm_pretrained")
 #: the DataModule whose size parameters are range-checked (patch side, stride, step, batch)
@@ -66,7 +67,7 @@ def _method_params() -> dict:
     """type -> the ``params`` a method of that type takes: the constructor's arguments of the
     baselines, the U-Net's ``denoise()``'s (a ddpm method's are ``SamplingOptions``)."""
     return {"noisy": _parameters(NoisyInput.__init__, "name"), "nlm": _parameters(NLMDenoiser.__init__, "name"),
-            "bm3d": _parameters(BM3DDenoiser.__init__, "name"),
+            "bm3d": _parameters(BM3DDenoiser.__init__, "name"), "bm4d": _parameters(BM4DDenoiser.__init__, "name"),
             "unet": _parameters(SupervisedUNet.denoise, "noisy")}
 
 
@@ -107,6 +108,9 @@ def check_methods(methods, sampling=None) -> None:
             raise _unknown_value(f"{where}.type", kind, DENOISER_TYPES)
         if entry.get("sigma", "known") not in ("known", "estimate"):
             raise _unknown_value(f"{where}.sigma", entry["sigma"], ("known", "estimate"))
+        for j, value in enumerate(entry.get("sets") or []):
+            if value not in METHOD_SETS:
+                raise _unknown_value(f"{where}.sets[{j}]", value, METHOD_SETS)
         if kind == "ddpm":
             base.updated(entry.get("params"), f"{where}.params")
         else:

@@ -188,7 +188,9 @@ def load_test_volume(path: Path):
 def unseen_slices(tests) -> list[dict]:
     """Clean [0,1] slices of the test volumes (the project's loader, plane cut and
     normalization, as for training data), ``max_slices`` evenly spaced per volume,
-    with set "unseen" and the entry's label."""
+    with set "unseen" and the entry's label. Each carries the whole volume ("volume":
+    all its slices, (S,H,W) float32 [0,1], one array per volume; "clean" a view of it) and
+    its position in it ("volume_index" = "slice_index"), for 2.5D and 3-D methods."""
     out = []
     for t in tests:
         ras, zooms, found = load_test_volume(t["path"])
@@ -196,11 +198,12 @@ def unseen_slices(tests) -> list[dict]:
         plane = acquisition_plane(zooms) if t["plane"] == ACQUISITION else t["plane"]
         volume, spacing = cut_plane(ras, zooms, plane)
         x01, norm = normalize(volume, modality)
+        x01 = np.ascontiguousarray(x01, dtype=np.float32)
         slices = [{"clean": x01[z], "source": t["name"], "modality": modality, "slice_index": z,
-                   "spacing": spacing, "norm": dict(norm), "set": UNSEEN, "label": t["label"]}
+                   "spacing": spacing, "norm": dict(norm), "set": UNSEEN, "label": t["label"],
+                   "volume": x01, "volume_index": z}
                   for z in range(x01.shape[0])]
-        for s in limit_slices(slices, t["max_slices"]):
-            out.append({**s, "clean": np.array(s["clean"], dtype=np.float32)})
+        out += limit_slices(slices, t["max_slices"])
     return out
 
 

@@ -11,7 +11,7 @@ A study config (run_scripts/configs/study/*.yaml) has these keys:
   UNet width ...), so all strategies share one backbone and one training budget.
 - ``models``: key -> ``{config: run config, overrides: [...]}`` to train here, or
   ``{ckpt: path}`` to load (class from the checkpoint).
-- ``strategies``: list of ``{name, type: ddpm|unet|nlm|bm3d|noisy, model, params, nfe,
+- ``strategies``: list of ``{name, type: ddpm|unet|nlm|bm3d|bm4d|noisy, model, params, nfe,
   k, guidance, extra_nfe}``; ``params`` are the only ``denoise()`` arguments (the run
   config's ``sampling`` defaults are not used, so no ``t_start`` means the pure-noise
   start); a ddpm strategy expands into one method per (NFE, K,
@@ -22,7 +22,9 @@ A study config (run_scripts/configs/study/*.yaml) has these keys:
   replaces the data volumes whose test slabs are scored (e.g. CT only for lowdose_ct);
   with ``train_noise`` the trained models are retrained on that noise (and those volumes)
   for this noise type, else the models trained on the run's own noise are scored.
-- ``references``: method names every method is compared to (e.g. BM3D, the U-Net).
+- ``references``: method names every method is compared to (e.g. BM3D, BM4D, the U-Net).
+  A ``bm4d`` strategy denoises each source's whole test slab (or unseen volume) in 3-D and
+  is scored on the same slices, so it can be the reference of a 2.5D model.
 """
 from __future__ import annotations
 

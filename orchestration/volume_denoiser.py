@@ -7,7 +7,9 @@ series gets the affine of its geometry); a DICOM series in can also give a DICOM
 are cut in the plane asked for (default the acquisition plane), scaled to [0,1] like the
 training data (utils.intensity), denoised in batches from the matched start and mapped back.
 Slices larger than ``tile`` pixels are cut into overlapping tiles whose outputs are blended
-with linear ramps, so no seam shows.
+with linear ramps, so no seam shows. A 2.5D model (``context_slices`` k > 0) gets each slice
+with its k noisy neighbours on each side from the scan itself (diffusion_utils.context order,
+reflected at the first and last slice), every tile cut at the same place through the stack.
 
 Only the intensity window (CT -1024..3071 HU, MR the foreground's 0.5-99.5 percentiles) is
 denoised: the output is the input + w (denoised - input), w = ``window_weight`` of the
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from diffusion_modules.diffusion_utils.context import context_indices
 from diffusion_modules.diffusion_utils.sampling import capped_steps
 from models.ddpm_conditioned import ConditionDDPM
 from orchestration.cli import check_writable_folder
@@ -76,10 +79,14 @@ def denoise_slices(model: ConditionDDPM, slices01: np.ndarray, sigma: float, *, 
 
     Every slice is cut into tiles of at most ``tile`` x ``tile`` pixels overlapping by at
     least ``overlap``; all tiles share one shape, so they are batched across slices. A slice
-    that fits in one tile is denoised in one pass."""
+    that fits in one tile is denoised in one pass. A model with ``context_slices`` k > 0
+    gets each tile as the (1+2k)-channel stack of the slice and its neighbours in
+    ``context_indices`` order (reflected at the ends), cut at the same rows and columns."""
     if overlap < 0 or tile < 2 * overlap + 1:
         raise ValueError(f"tile={tile} must exceed twice overlap={overlap} >= 0")
     s, h, w = slices01.shape
+    k = int(getattr(model, "context_slices", 0) or 0)
+    stacks = [context_indices(z, k, s) for z in range(s)]  # [z] when k = 0
     th, tw = min(tile, h), min(tile, w)
     tiles = [(z, r, c) for z in range(s) for r in tile_starts(h, th, overlap) for c in tile_starts(w, tw, overlap)]
     weight = np.outer(ramp(th, overlap if th < h else 0), ramp(tw, overlap if tw < w else 0))
@@ -87,8 +94,8 @@ def denoise_slices(model: ConditionDDPM, slices01: np.ndarray, sigma: float, *, 
     bar = tqdm(total=len(tiles), desc="denoise", unit="tile", disable=not progress)
     for start in range(0, len(tiles), batch_size):
         chunk = tiles[start:start + batch_size]
-        batch = np.stack([slices01[z, r:r + th, c:c + tw] for z, r, c in chunk])
-        noisy = torch.from_numpy(to_model_units(batch[:, None])).float()
+        batch = np.stack([slices01[stacks[z], r:r + th, c:c + tw] for z, r, c in chunk])  # (B, 1+2k, th, tw)
+        noisy = torch.from_numpy(to_model_units(batch)).float()
         mean, std = model.denoise(noisy, steps=steps, eta=eta, n_samples=n_samples, t_start="auto", sigma=sigma,
                                   return_std=True, batch_size=batch_size * n_samples, generator=generator,
                                   inference=inference)
@@ -228,9 +235,9 @@ def denoise_volume(model: ConditionDDPM, input_path, output_path, *, std_path=No
     inference: how the network runs (bf16, channels_last, compile: ``InferenceOptions`` or a mapping).
     modality: "ct" | "mr"; None: the DICOM Modality tag, else inferred from the intensities.
     Returns what was done: modality and ``modality_source`` (how it was chosen), sigma ([0,1]
-    and input units), t* (None when nothing was denoised), plane, slices, the intensity
-    ``window`` (low, high), ``unchanged`` (None, or why the input was written unchanged),
-    output paths, seconds.
+    and input units), t* (None when nothing was denoised), plane, slices, ``context_slices``
+    (the model's neighbours on each side, 0 for a 2-D model), the intensity ``window`` (low,
+    high), ``unchanged`` (None, or why the input was written unchanged), output paths, seconds.
     """
     start = time.time()
     check_settings(sigma, steps, n_samples, eta, batch_size, tile, overlap)  # before any work, so no
@@ -250,6 +257,7 @@ def denoise_volume(model: ConditionDDPM, input_path, output_path, *, std_path=No
     low, high = intensity_window(ras, modality)
     info = {"modality": modality, "modality_source": modality_source, "plane": plane,
             "slices": int(ras.shape[PLANE_AXES[plane][0]]), "window": (low, high), "t_star": None,
+            "context_slices": int(getattr(model, "context_slices", 0) or 0),
             "sigma01": 0.0 if sigma == "auto" else float(sigma), "sigma_units": 0.0, "unchanged": None}
     out, std_units = ras, None
     if not high > low:

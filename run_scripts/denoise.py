@@ -101,7 +101,9 @@ def run(argv: list[str] | None = None) -> dict:
         print(f"network options: {inference.describe()}")
     if info["unchanged"]:
         print(f"not denoised: {info['unchanged']}; the input is written unchanged")
-    print(f"{info['slices']} {info['plane']} slices in {info['seconds']:.1f} s; wrote {info['output']}")
+    context = (f" (2.5D: each with its {info['context_slices']} noisy neighbour(s) on each side)"
+               if info.get("context_slices") else "")
+    print(f"{info['slices']} {info['plane']} slices{context} in {info['seconds']:.1f} s; wrote {info['output']}")
     if info.get("std"):
         print(f"std map: {info['std']}")
     if info.get("output_dicom"):

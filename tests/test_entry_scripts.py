@@ -57,7 +57,7 @@ def test_evaluate_finds_an_unwritable_out_first(no_work, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["evaluation.methods=[{name: a, type: bm4d}]"], r"evaluation\.methods\[0\]\.type: 'bm4d'"),
+    (["evaluation.methods=[{name: a, type: bm5d}]"], r"evaluation\.methods\[0\]\.type: 'bm5d'"),
     (["evaluation.sigmas=[]"], r"evaluation\.sigmas: expected a non-empty list"),
     (["evaluation.enabled=maybe"], r"evaluation\.enabled: expected bool"),
 ])

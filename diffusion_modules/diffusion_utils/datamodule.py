@@ -328,20 +328,33 @@ class DenoisingDataModule(pl.LightningDataModule):
 
     def test_slices(self) -> list[dict]:
         """Clean held-out test slices, sorted by (source, slice_index): dicts with
-        clean (H,W) float32 [0,1], source, modality, slice_index, spacing (row, col, slice mm), norm."""
+        clean (H,W) float32 [0,1], source, modality, slice_index, spacing (row, col, slice mm), norm,
+        volume (the source's whole test slab, (S,H,W) float32 [0,1], one array shared by its
+        slices, clean a view of it) and volume_index (the slice's position in it)."""
         if self.test_set is None:
             self.setup()
-        out = []
+        by_file = {}
         for i, (k, z) in enumerate(self.test_set.items):
+            by_file.setdefault(k, []).append((int(z), i))
+        out = []
+        for k, entries in by_file.items():
+            entries.sort()
+            zs = [z for z, _ in entries]
+            if zs != list(range(zs[0], zs[0] + len(zs))):
+                raise ValueError(f"the test slices of {self.test_set.files[k]} are not one slab: {zs}")
+            volume = np.stack([self.test_set.clean_slice(i) for _, i in entries]).astype(np.float32, copy=False)
             meta = self.test_set.meta[k]
-            out.append(
-                {
-                    "clean": self.test_set.clean_slice(i),
-                    "source": meta["source"],
-                    "modality": meta["modality"],
-                    "slice_index": z,
-                    "spacing": meta["spacing"],
-                    "norm": dict(meta["norm"]),
-                }
-            )
+            for j, z in enumerate(zs):
+                out.append(
+                    {
+                        "clean": volume[j],
+                        "source": meta["source"],
+                        "modality": meta["modality"],
+                        "slice_index": z,
+                        "spacing": meta["spacing"],
+                        "norm": dict(meta["norm"]),
+                        "volume": volume,
+                        "volume_index": j,
+                    }
+                )
         return sorted(out, key=lambda d: (d["source"], d["slice_index"]))
