@@ -144,16 +144,6 @@ def test_a_split_file_that_does_not_fit_is_refused_naming_the_rows(tmp_path):
     assert dm(str(m), tmp_path, split={"mode": "subject", "file": str(path)}).assignment == data.assignment
 
 
-def _train_writes_the_split() -> bool:
-    import inspect
-
-    from orchestration import training
-
-    return "write_split" in inspect.getsource(training.train)
-
-
-@pytest.mark.skipif(not _train_writes_the_split(), reason="orchestration.training.train does not call "
-                    "datamodule.write_split(run_dir / 'split.csv') yet (the one-line edit of issue 19)")
 def test_training_writes_split_csv_into_the_run_folder_and_a_rerun_reuses_it(tmp_path):
     from orchestration.training import train
 
