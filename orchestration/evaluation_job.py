@@ -15,7 +15,7 @@ from diffusion_modules.diffusion_utils.sampling import SamplingOptions
 from evaluation.denoisers import build_denoiser, plain_dict
 from evaluation.loop import evaluate
 from evaluation.reporting import UNSEEN
-from utils.initialize_configs import instantiate_from_configs
+from utils.initialize_configs import instantiate_from_configs, validate_target_config
 from utils.intensity import MODALITIES, check_modality, normalize
 from utils.paths import resolve_path
 from utils.planes import ACQUISITION, PLANES, acquisition_plane, cut_plane
@@ -250,6 +250,7 @@ def run_evaluation(cfg, models: dict, *, out_dir, device: str | None = None, tes
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     noise_type = str(ev.get("noise_type", "gaussian"))
+    validate_target_config(cfg["data"], "data", allow_targets=cfg.get("allow_targets"))  # before any volume is read
     tests = checked_test_volumes(cfg) if tests is None else tests
 
     datamodule = instantiate_from_configs(cfg["data"], "data", allow_targets=cfg.get("allow_targets"))
