@@ -128,6 +128,10 @@ def test_two_workers_read_same_items_as_zero(tmp_path, volumes):
     for s, m, n in zip(single, multi, memory):
         for key in ("x_cond", "x_prior", "sigma", "index"):
             assert torch.equal(s[key], m[key]) and torch.equal(s[key], n[key])
+    # in_memory maps the file read-only (shared page cache) instead of copying it into each worker
+    _ = in_memory[0]
+    mapped = [a for a in in_memory._handles.values() if isinstance(a, np.memmap)]
+    assert len(mapped) >= 1 and all(not a.flags.writeable for a in mapped)
 
 
 def test_augment_is_a_flip_or_rotation(tmp_path, volumes):

@@ -280,13 +280,20 @@ class HDF5PatchDataset(_HDF5Base):
         return cache[int(rng.integers(len(cache)))]
 
     def _array(self, k: int, name: str):
-        """Dataset ``name`` of file k: the HDF5 dataset, or its in-memory copy when in_memory."""
+        """Dataset ``name`` of file k: the HDF5 dataset, or with in_memory a read-only memory map
+        of it (a contiguous, uncompressed dataset, as save_as_hdf5 writes them: one copy in the
+        page cache, shared by every loader worker), else its in-memory copy."""
         data = self._data(k, name)
         if not self.in_memory:
             return data
         key = (k, name + "[()]")
         if key not in self._handles:
-            self._handles[key] = data[()]
+            offset = data.id.get_offset()
+            if offset is not None and data.chunks is None and data.compression is None:
+                self._handles[key] = np.memmap(self.files[k], dtype=data.dtype, mode="r", offset=offset,
+                                               shape=data.shape)
+            else:
+                self._handles[key] = data[()]
         return self._handles[key]
 
     def _reader(self, k: int, z: int, r: int, c: int):

@@ -2,8 +2,9 @@
 
 ``estimate_loader_memory``: the bytes the train and validation loaders will hold, per
 process and in all, from the HDF5 files' shapes (no pixels read):
-  - ``in_memory``: every process that reads a dataset keeps its own copy of each of its
-    files' ``patches`` (N x S x S x 2 bytes), and of ``volume`` (slices x H x W x 2 bytes)
+  - ``in_memory``: counted as if every process that reads a dataset kept its own copy of
+    each of its files' ``patches`` (an upper bound: HDF5PatchDataset maps contiguous files
+    read-only, shared through the page cache) (N x S x S x 2 bytes), and of ``volume`` (slices x H x W x 2 bytes)
     when the voxel-size rescale or neighbouring slices (``context_slices``) read whole slices;
     a file of the train and the val set (a slab split) is held by both loaders' processes;
   - per-slice noise (low-dose CT): each training process keeps up to ``lowdose_cache``
