@@ -66,12 +66,6 @@ CT_WINDOW = (40.0, 80.0)
 
 
 # ----------------------------------------------------------------------------- noise
-def noise_rng(noise_seed: int, sigma: float, slice_number: int) -> np.random.Generator:
-    """Generator keyed by a position in a list of slices (run_scripts/sampling_study.py);
-    ``evaluate`` keys the noise by slice instead (``slice_rng``)."""
-    return np.random.default_rng([int(noise_seed), int(round(sigma * 1e6)), int(slice_number)])
-
-
 def source_key(source: str) -> int:
     """A source name as a number for seeding (crc32 of its UTF-8 bytes)."""
     return zlib.crc32(str(source).encode())

@@ -21,7 +21,7 @@ import argparse
 import numpy as np
 
 from diffusion_modules.diffusion_utils.noise import GaussianNoise
-from evaluation.loop import noise_rng, slice_noise
+from evaluation.loop import slice_noise, slice_rng
 from evaluation.sampling_study import report, study_slice
 from models.ddpm_conditioned import ConditionDDPM
 from orchestration.checkpoints import load_checkpoint
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> dict:
     results, seen = {}, {}
     for i, s in enumerate(slices):
         clean = s["clean"].astype(np.float64)
-        noisy, _ = slice_noise(noise, s, clean, noise_rng(args.seed, args.sigma, i))
+        noisy, _ = slice_noise(noise, s, clean, slice_rng(args.seed, args.sigma, s["source"], s["slice_index"]))
         seen[s["source"]] = seen.get(s["source"], 0) + 1
         row = study_slice(model, clean, noisy, args.sigma, args.nfe, args.k, args.k_steps,
                           seen[s["source"]] <= args.ancestral_slices)
