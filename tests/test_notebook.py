@@ -148,7 +148,7 @@ def _known_keys() -> dict[str, set[str]]:
     from models.ddpm_conditioned import ConditionDDPM
     from models.ddpm_st_diffusion import DDPM
     from models.supervised_unet import SupervisedUNet
-    from orchestration.config_checks import EVALUATION, LOGGING
+    from orchestration.config_checks import EVALUATION, LOGGING, METHOD
     from orchestration.evaluation_job import TEST_VOLUME_KEYS
     from utils.initialize_configs import RUN_SECTIONS
 
@@ -160,7 +160,7 @@ def _known_keys() -> dict[str, set[str]]:
         "trainer": _parameters(pl.Trainer.__init__) - {"logger", "callbacks", "default_root_dir"},
         "sampling": _parameters(ConditionDDPM.denoise) - {"noisy", "generator"},
         "logging": set(LOGGING),
-        "evaluation": set(EVALUATION) | {"name", "type", "model", "params", "sigma"} | set(TEST_VOLUME_KEYS),
+        "evaluation": set(EVALUATION) | set(METHOD) | set(TEST_VOLUME_KEYS),
     }
 
 
