@@ -2,6 +2,7 @@
 import importlib.util
 from pathlib import Path
 
+import h5py
 import nibabel as nib
 import numpy as np
 
@@ -65,3 +66,18 @@ def load_script(filename: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def write_h5(path, volume01, size=32, stride=16):
+    """A minimal HDF5 patch file (the layout of save_as_hdf5) of a (Z, H, W) [0,1] volume,
+    patches of ``size`` every ``stride`` pixels of every slice."""
+    vol = np.round(np.asarray(volume01) * 65535.0).astype(np.uint16)
+    rows = [(z, r, c) for z in range(vol.shape[0]) for r in range(0, vol.shape[1] - size + 1, stride)
+            for c in range(0, vol.shape[2] - size + 1, stride)]
+    with h5py.File(path, "w") as f:
+        f["volume"] = vol
+        f["patches"] = np.stack([vol[z, r : r + size, c : c + size] for z, r, c in rows])
+        f["slice_index"] = np.array([z for z, _, _ in rows], dtype=np.int32)
+        f["origin"] = np.array([(r, c) for _, r, c in rows], dtype=np.int32)
+        f.attrs.update(modality="mr", norm_low=0.0, norm_high=1.0, spacing=[1.0, 1.0, 1.0], source=path.name)
+    return path

@@ -1,6 +1,5 @@
 """Training augmentation (augment.py) and the MR foreground window (utils.intensity)."""
 
-import h5py
 import numpy as np
 import pytest
 import torch
@@ -11,7 +10,7 @@ from diffusion_modules.diffusion_utils.augment import Augmentation
 from diffusion_modules.diffusion_utils.datamodule import DenoisingDataModule
 from diffusion_modules.diffusion_utils.hdf5dataset import HDF5PatchDataset
 from diffusion_modules.diffusion_utils.noise import GaussianNoise
-from synthetic import make_volume
+from synthetic import make_volume, write_h5
 from utils.intensity import mr_foreground, normalize
 
 FULL = {"flips": True, "rescale": [0.5, 2.0], "gamma": [0.7, 1.4], "contrast": [0.9, 1.1], "brightness": [-0.05, 0.05]}
@@ -26,20 +25,6 @@ def old_augment_pair(clean, rng):
     if clean.shape[0] == clean.shape[1]:
         clean = np.rot90(clean, k=int(rng.integers(4)))
     return np.ascontiguousarray(clean)
-
-
-def write_h5(path, volume01, size=32, stride=16):
-    """A minimal HDF5 patch file (layout of save_as_hdf5) of a (Z, H, W) [0,1] volume."""
-    vol = np.round(np.asarray(volume01) * 65535.0).astype(np.uint16)
-    rows = [(z, r, c) for z in range(vol.shape[0]) for r in range(0, vol.shape[1] - size + 1, stride)
-            for c in range(0, vol.shape[2] - size + 1, stride)]
-    with h5py.File(path, "w") as f:
-        f["volume"] = vol
-        f["patches"] = np.stack([vol[z, r : r + size, c : c + size] for z, r, c in rows])
-        f["slice_index"] = np.array([z for z, _, _ in rows], dtype=np.int32)
-        f["origin"] = np.array([(r, c) for _, r, c in rows], dtype=np.int32)
-        f.attrs.update(modality="mr", norm_low=0.0, norm_high=1.0, spacing=[1.0, 1.0, 1.0], source=path.name)
-    return path
 
 
 def lag1_correlation(residuals) -> float:

@@ -10,6 +10,7 @@ from diffusion_modules.diffusion_utils.context import check_context_slices, cont
 from diffusion_modules.diffusion_utils.datamodule import DenoisingDataModule
 from diffusion_modules.diffusion_utils.hdf5dataset import HDF5PatchDataset, HDF5SliceDataset
 from diffusion_modules.diffusion_utils.noise import GaussianNoise
+import synthetic
 from synthetic import make_volume
 
 FULL = {"flips": True, "rescale": [0.5, 2.0], "gamma": [0.7, 1.4], "contrast": [0.9, 1.1], "brightness": [-0.05, 0.05]}
@@ -17,19 +18,10 @@ N, SIZE, SIDE = 6, 16, 32
 
 
 def write_h5(path, vol01=None, size=SIZE, stride=8):
-    """An HDF5 patch file (save_as_hdf5's layout) of a (Z, H, W) [0,1] volume; by default
-    N random 32x32 slices drawn with seed 5."""
-    vol01 = np.random.default_rng(5).random((N, SIDE, SIDE)) if vol01 is None else np.asarray(vol01)
-    vol = np.round(vol01 * 65535.0).astype(np.uint16)
-    n, h, w = vol.shape
-    rows = [(z, r, c) for z in range(n) for r in range(0, h - size + 1, stride) for c in range(0, w - size + 1, stride)]
-    with h5py.File(path, "w") as f:
-        f["volume"] = vol
-        f["patches"] = np.stack([vol[z, r : r + size, c : c + size] for z, r, c in rows])
-        f["slice_index"] = np.array([z for z, _, _ in rows], dtype=np.int32)
-        f["origin"] = np.array([(r, c) for _, r, c in rows], dtype=np.int32)
-        f.attrs.update(modality="mr", norm_low=0.0, norm_high=1.0, spacing=[1.0, 1.0, 1.0], source=path.name)
-    return path
+    """``synthetic.write_h5`` of a (Z, H, W) [0,1] volume; by default N random 32x32 slices
+    drawn with seed 5."""
+    vol01 = np.random.default_rng(5).random((N, SIDE, SIDE)) if vol01 is None else vol01
+    return synthetic.write_h5(path, vol01, size, stride)
 
 
 def clean_stack(path, z, r, c, k, size=SIZE):
