@@ -146,9 +146,11 @@ def schedule(cfg) -> GaussianDiffusion:
     return GaussianDiffusion(betas, p.get("parameterization", "eps"))
 
 
-def time_ddim(net, diffusion, size: int, batch: int, nfe: int, options: InferenceOptions, device) -> float:
-    """Seconds per call of ``nfe`` DDIM steps from the matched start of sigma 0.1 (x_t and the
-    noisy condition concatenated) on a copy of ``net`` run with ``options``, after a warm-up call."""
+def time_ddim(net, diffusion, size: int, batch: int, nfe: int, options: InferenceOptions, device,
+              repeats: int = 1) -> float:
+    """Seconds per call (the fastest of ``repeats``) of ``nfe`` DDIM steps from the matched start
+    of sigma 0.1 (x_t and the noisy condition concatenated) on a copy of ``net`` run with
+    ``options``, after a warm-up call."""
     net = copy.deepcopy(net).eval().requires_grad_(False)  # inference: channels_last weights converted once
     diffusion = diffusion.to(device)
     cond = torch.rand(batch, 1, size, size, device=device) * 2 - 1
@@ -160,11 +162,21 @@ def time_ddim(net, diffusion, size: int, batch: int, nfe: int, options: Inferenc
 
     with torch.no_grad(), optimized_networks([net], options, device):
         run_chain(model_fn, diffusion, x_start, steps=nfe, t_start=t_star)
+        return best_seconds(lambda: run_chain(model_fn, diffusion, x_start, steps=nfe, t_start=t_star), device,
+                              repeats)
+
+
+def best_seconds(call, device, repeats: int) -> float:
+    """The shortest wall time of ``repeats`` calls, the device synchronised around each: on a
+    shared machine the others measure the neighbours as well (as timeit reports the minimum)."""
+    times = []
+    for _ in range(max(1, repeats)):
         _sync(device)
         start = time.perf_counter()
-        run_chain(model_fn, diffusion, x_start, steps=nfe, t_start=t_star)
+        call()
         _sync(device)
-    return time.perf_counter() - start
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def default_batch(device: torch.device, size: int) -> int:
@@ -209,46 +221,64 @@ def compare_with_peer(cfg, device: torch.device, args):
         if options.cuda_graphs and device.type != "cuda":
             yield f"| {row} | skipped: CUDA graphs need CUDA | | |"
             continue
-        ours_s = time_ddim(ours, diffusion, size, batch, args.nfe, options, device)
-        peer_s = time_ddim(peer, diffusion, size, batch, args.nfe, options, device)
-        yield f"| {row} | {1000 * ours_s / batch:.3g} | {1000 * peer_s / batch:.3g} | {peer_s / ours_s:.2f} |"
+        ours_s = time_ddim(ours, diffusion, size, batch, args.nfe, options, device, args.repeats)
+        peer_s = time_ddim(peer, diffusion, size, batch, args.nfe, options, device, args.repeats)
+        yield f"| {row} | {1000 * ours_s / batch:.4g} | {1000 * peer_s / batch:.4g} | {peer_s / ours_s:.2f} |"
+
+
+def training_step(base, options: dict, batch_size: int, size: int, device: torch.device):
+    """A function running one optimizer step (shared_step, AdamW, EMA update) of a copy of
+    ``base`` with the row's options, on a fixed random batch."""
+    model = copy.deepcopy(base).train()
+    if options["channels_last"]:
+        model.unet.to(memory_format=torch.channels_last)
+    if options["compile"]:
+        model.unet.compile()
+    opt = torch.optim.AdamW(model.unet.parameters(), lr=1e-4, **({"fused": True} if options["fused"] else {}))
+    batch = {k: torch.rand(batch_size, c, size, size, device=device) * 2 - 1
+             for k, c in (("x_prior", 1), ("x_cond", getattr(base, "condition_channels", 1)))}
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options["precision"] == "bf16")
+
+    def step():
+        with autocast:
+            loss = model.shared_step(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if getattr(model, "use_ema", False):
+            model.update_ema()
+    return step
+
+
+def interleaved(calls: dict, device: torch.device, repeats: int, n: int = 1) -> dict:
+    """row -> the shortest time of ``n`` calls of its function, over ``repeats`` rounds that
+    visit every row in turn (after one warm-up call each), so that a slow spell of a shared
+    machine does not fall on one row alone."""
+    for call in calls.values():
+        call()
+    best = {row: float("inf") for row in calls}
+    for _ in range(max(1, repeats)):
+        for row, call in calls.items():
+            best[row] = min(best[row], best_seconds(lambda: [call() for _ in range(n)], device, 1))
+    return best
 
 
 def model_tables(cfg, device: torch.device, args):
-    """Markdown lines, one at a time as measured: the config's whole model, training steps and
-    ``denoise()`` per option row."""
+    """Markdown lines: the config's whole model, training steps and ``denoise()`` per option
+    row, each table printed when its rows, measured in interleaved rounds, are done."""
     base = instantiate_from_configs(cfg.model, "model", allow_targets=cfg.get("allow_targets")).to(device)
     size = cfg.model.params.get("image_size", 64)
     batch_size = args.batch_size or default_batch(device, size)
     n_params = sum(p.numel() for p in base.unet.parameters())
     yield f"UNet {n_params / 1e6:.2f} M parameters"
     if args.options:
-        yield from ["", "Training (shared_step, AdamW, EMA update):", "",
+        yield from ["", f"Training (shared_step, AdamW, EMA update; {args.steps} steps, fastest of {args.repeats} "
+                    "interleaved rounds):", "",
                     "| options | batch | size | steps/s | images/s |", "| --- | --- | --- | --- | --- |"]
-    for row in args.options:
-        options, model = train_options(row), copy.deepcopy(base).train()
-        if options["channels_last"]:
-            model.unet.to(memory_format=torch.channels_last)
-        if options["compile"]:
-            model.unet.compile()
-        opt = torch.optim.AdamW(model.unet.parameters(), lr=1e-4, **({"fused": True} if options["fused"] else {}))
-        batch = {k: torch.rand(batch_size, c, size, size, device=device) * 2 - 1
-                 for k, c in (("x_prior", 1), ("x_cond", getattr(base, "condition_channels", 1)))}
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options["precision"] == "bf16")
-        for i in range(args.steps + 2):
-            if i == 2:
-                _sync(device)
-                start = time.perf_counter()
-            with autocast:
-                loss = model.shared_step(batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if getattr(model, "use_ema", False):
-                model.update_ema()
-        _sync(device)
-        train_s = (time.perf_counter() - start) / args.steps
-        yield f"| {row} | {batch_size} | {size} x {size} | {1 / train_s:.3g} | {batch_size / train_s:.3g} |"
+        steps = {row: training_step(base, train_options(row), batch_size, size, device) for row in args.options}
+        for row, seconds in interleaved(steps, device, args.repeats, args.steps).items():
+            train_s = seconds / args.steps
+            yield f"| {row} | {batch_size} | {size} x {size} | {1 / train_s:.3g} | {batch_size / train_s:.3g} |"
     if not hasattr(base, "denoise") or not args.denoise_options:
         return
     sampling = dict(cfg.get("sampling") or {})
@@ -258,21 +288,22 @@ def model_tables(cfg, device: torch.device, args):
     channels = getattr(base, "condition_channels", 1)  # the slice and its neighbours for a 2.5D model
     noisy = torch.rand(n, channels, args.slice_size, args.slice_size, device=device) * 2 - 1
     yield from ["", f"Denoising ({type(base).__name__}.denoise with sampling {sampling}), {n} slice(s) of "
-                f"{args.slice_size} x {args.slice_size} per call:", "",
+                f"{args.slice_size} x {args.slice_size} per call, fastest of {args.repeats} interleaved rounds:", "",
                 "| options | s per call | ms per slice |", "| --- | --- | --- |"]
+    calls = {}
     for row in args.denoise_options:
         options = InferenceOptions.parse(row)
         if options.cuda_graphs and device.type != "cuda":
-            yield f"| {row} | skipped: CUDA graphs need CUDA | |"
             continue
         model = copy.deepcopy(base).eval().requires_grad_(False)  # as denoise.py loads it
-        model.denoise(noisy, **kwargs, batch_size=n, inference=options)  # warm-up, compilation
-        _sync(device)
-        start = time.perf_counter()
-        model.denoise(noisy, **kwargs, batch_size=n, inference=options)
-        _sync(device)
-        seconds = time.perf_counter() - start
-        yield f"| {row} | {seconds:.3g} | {1000 * seconds / n:.3g} |"
+        calls[row] = lambda model=model, options=options: model.denoise(noisy, **kwargs, batch_size=n,
+                                                                        inference=options)
+    times = interleaved(calls, device, args.repeats)
+    for row in args.denoise_options:
+        if row not in times:
+            yield f"| {row} | skipped: CUDA graphs need CUDA | |"
+            continue
+        yield f"| {row} | {times[row]:.3g} | {1000 * times[row] / n:.4g} |"
 
 
 class Echo(list):
@@ -315,6 +346,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--slice-size", type=int, help="denoised slice side (default 512 on CUDA, 128 on CPU)")
     parser.add_argument("--denoise-batch", type=int, help="slices per denoising call (default 8 on CUDA, 1 on CPU)")
     parser.add_argument("--nfe", type=int, default=10, help="DDIM steps of the --peer denoising loop")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timing rounds per row (the fastest counts; interleaved over the rows without --peer)")
     parser.add_argument("--options", nargs="*",
                         help="training rows, '+'-joined of fp32 bf16 cl fused compile (none given: no training)")
     parser.add_argument("--denoise-options", nargs="*",

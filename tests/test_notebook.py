@@ -148,7 +148,7 @@ def _known_keys() -> dict[str, set[str]]:
     from models.ddpm_conditioned import ConditionDDPM
     from models.ddpm_st_diffusion import DDPM
     from models.supervised_unet import SupervisedUNet
-    from orchestration.config_checks import EVALUATION, LOGGING, METHOD
+    from orchestration.config_checks import EVALUATION, LOGGING, METHOD, TRAINER_SPEED
     from orchestration.evaluation_job import TEST_VOLUME_KEYS
     from utils.initialize_configs import RUN_SECTIONS
 
@@ -157,7 +157,7 @@ def _known_keys() -> dict[str, set[str]]:
         "model": _parameters(DDPM.__init__, ConditionDDPM.__init__, SupervisedUNet.__init__, UNet.__init__),
         "data": (_parameters(DenoisingDataModule.__init__, *(cls.__init__ for cls in NOISE_TYPES.values()))
                  | {"type"} | set(DEFAULT_SPLIT) | set(AUGMENT_KEYS) | {"path", "modality", "name"}),
-        "trainer": _parameters(pl.Trainer.__init__) - {"logger", "callbacks", "default_root_dir"},
+        "trainer": (_parameters(pl.Trainer.__init__) - {"logger", "callbacks", "default_root_dir"}) | set(TRAINER_SPEED),
         "sampling": _parameters(ConditionDDPM.denoise) - {"noisy", "generator"},
         "logging": set(LOGGING),
         "evaluation": set(EVALUATION) | set(METHOD) | set(TEST_VOLUME_KEYS),
