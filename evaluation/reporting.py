@@ -267,20 +267,24 @@ def plot_vs_level(path: Path, curves, scores, noise_type: str = "gaussian", titl
     photons = level_name(noise_type) == "i0"
     fig, axes = plt.subplots(len(curves), len(scores), figsize=(4 * max(len(scores), 2), 3.4 * len(curves)),
                              squeeze=False)
+    names = list(dict.fromkeys(name for lines in curves.values() for name in lines))
+    colors = {name: f"C{i % 10}" for i, name in enumerate(names)}  # one colour per line in every panel
     for r, (group, lines) in enumerate(curves.items()):
         for c, (key, label) in enumerate(scores.items()):
             ax = axes[r, c]
             for name, by_level in lines.items():
                 xs = sorted(by_level)
                 ys = [float(by_level[x].get(key, np.nan)) for x in xs]
-                ax.plot(xs, [y if np.isfinite(y) else np.nan for y in ys], marker="o", label=name)
+                ax.plot(xs, [y if np.isfinite(y) else np.nan for y in ys], marker="o", label=name, color=colors[name])
             if photons:
                 ax.set_xscale("log")
             ax.set_xlabel("i0 (photons per detector bin)" if photons else "sigma ([0,1] scale)")
             ax.set_ylabel(label)
             ax.set_title(f"{group}: {label}", fontsize=10)
             ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
+    from matplotlib.lines import Line2D  # every line, also those missing from the first panel (e.g. unseen-only)
+
+    axes[0, 0].legend(handles=[Line2D([], [], color=colors[n], marker="o", label=n) for n in names], fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
