@@ -121,12 +121,11 @@ class Check:
 
             name = torch.cuda.get_device_name(0)
             peak = ["--peak-tflops", "989"] if ("H100" in name or "H200" in name) else []
-            ref = [*bench, "--config", REFERENCE, "--steps", "10"]
+            ref = [*bench, "--config", REFERENCE, "--steps", "5"]
             runs = [("benchmark (eager)", [*ref, "--peer", *peak, "--sizes", "64", "256", "--options", "fp32", "bf16",
-                                           "bf16+cl+fused", "--denoise-options", "fp32", "bf16", "bf16+cl"], 70),
+                                           "bf16+cl+fused", "--denoise-options", "fp32", "bf16", "bf16+cl"], 80),
                     ("benchmark (compiled denoise(), model)", [*ref, "--options", "--denoise-options", "bf16+cl+compile",
-                                                               "bf16+cl+graphs", "sampling.steps=10",
-                                                               "sampling.t_start=auto"], 90),
+                                                               "bf16+cl+graphs"], 90),  # its sampling: 10 steps from t*
                     ("benchmark (compiled, against the peer)", [*ref, "--peer", *peak, "--sizes", "256", "--options",
                                                                 "bf16+cl+fused+compile", "--denoise-options",
                                                                 "bf16+cl+graphs"], 120)]
