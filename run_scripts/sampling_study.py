@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> dict:
     slices = limit_slices(datamodule.test_slices(), args.slices)
     noise = GaussianNoise(sigma=args.sigma)
     results, seen = {}, {}
-    for i, s in enumerate(slices):
+    for s in slices:
         clean = s["clean"].astype(np.float64)
         noisy, _ = slice_noise(noise, s, clean, slice_rng(args.seed, args.sigma, s["source"], s["slice_index"]))
         seen[s["source"]] = seen.get(s["source"], 0) + 1

@@ -142,7 +142,8 @@ def _known_keys() -> dict[str, set[str]]:
     import lightning.pytorch as pl
 
     from diffusion_modules.diffusion_utils.augment import KEYS as AUGMENT_KEYS
-    from diffusion_modules.diffusion_utils.datamodule import DEFAULT_SPLIT, DenoisingDataModule
+    from diffusion_modules.diffusion_utils.datamodule import DenoisingDataModule
+    from diffusion_modules.diffusion_utils.splits import DEFAULT_SPLIT
     from diffusion_modules.diffusion_utils.noise import NOISE_TYPES
     from diffusion_modules.unet_arch.unet_rosinality import UNet
     from models.ddpm_conditioned import ConditionDDPM

@@ -41,9 +41,8 @@ from diffusion_modules.diffusion_utils.hdf5dataset import HDF5PatchDataset, HDF5
 from diffusion_modules.diffusion_utils.loader_check import check_loader_memory
 from diffusion_modules.diffusion_utils.noise import build_noise
 from diffusion_modules.diffusion_utils.resumable import ResumableLoader, ResumableSampler
-from diffusion_modules.diffusion_utils.manifest import expand_volumes, infer_modality, parse_volume, volume_entry  # noqa: F401
-from diffusion_modules.diffusion_utils.splits import (DEFAULT_SPLIT, assign_volumes, check_split_config,
-                                                      volume_split, write_split_file)  # noqa: F401
+from diffusion_modules.diffusion_utils.manifest import expand_volumes
+from diffusion_modules.diffusion_utils.splits import assign_volumes, check_split_config, write_split_file
 from utils.create_training_images import (check_count, convert_volumes, dataset_summary, format_summary,
                                           plane_file_names)
 from utils.planes import ACQUISITION, PLANE_AXES, parse_planes
