@@ -95,13 +95,33 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         raise ConfigError(f"trainer: {' '.join(str(err).split())}") from err
 
 
+def widen_condition_input(weights: dict, model, found_k: int) -> dict:
+    """``weights`` of a UNet trained with ``found_k`` neighbouring slices, widened for
+    ``model``'s larger k: the first convolution gets zero weights for the added condition
+    channels. They come last in the input (cat([x_t, z, z-k..z+k]) and the UNet's fold keeps
+    each channel's f*f block together), so the widened network ignores the new neighbours
+    until training teaches it to use them."""
+    conv = model.unet.conv_in.weight
+    old = weights.get("conv_in.weight")
+    if old is None or old.shape[0] != conv.shape[0] or old.shape[2:] != conv.shape[2:] or old.shape[1] >= conv.shape[1]:
+        raise CheckpointError(f"init_from: a {found_k}-neighbour checkpoint cannot start a "
+                              f"{model.context_slices}-neighbour model: its first convolution does not fit")
+    wide = torch.zeros_like(conv, dtype=old.dtype)
+    wide[:, :old.shape[1]] = old
+    print(f"init_from: {found_k} -> {model.context_slices} neighbouring slices: "
+          f"{conv.shape[1] - old.shape[1]} input channels of the first convolution start at zero")
+    return {**weights, "conv_in.weight": wide}
+
+
 def init_weights(model, path: str | Path, allow_targets=None) -> None:
     """Start ``model`` from the network weights of the checkpoint ``path`` (a full training
     checkpoint, whose EMA weights are preferred, or an exported inference one).
 
     Only weights move: optimizer, schedule, step count and EMA count start fresh, and the
     EMA copy starts from the same weights. The checkpoint must hold the same model class
-    and UNet shape as ``model``; otherwise a CheckpointError names the file.
+    and UNet shape as ``model``; otherwise a CheckpointError names the file. One exception:
+    a checkpoint with fewer neighbouring slices (``context_slices``) than ``model`` starts
+    the 2.5D model (widen_condition_input), so its first output equals the narrower model's.
     """
     path = resolve_path(path)
     if not path.is_file():
@@ -114,6 +134,9 @@ def init_weights(model, path: str | Path, allow_targets=None) -> None:
     state = ckpt.get("state_dict") or {}
     prefix = "unet_ema." if any(k.startswith("unet_ema.") for k in state) else "unet."
     weights = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
+    found_k = int((ckpt.get("hyper_parameters") or {}).get("context_slices", 0) or 0)
+    if found_k < getattr(model, "context_slices", 0):
+        weights = widen_condition_input(weights, model, found_k)
     try:
         model.unet.load_state_dict(weights)
     except RuntimeError as err:
@@ -257,7 +280,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: str | Path | None = None, buil
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
         ckpt = run_dir / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(ckpt)
+        trainer.save_checkpoint(ckpt, weights_only=False)  # a full checkpoint: --resume needs the optimizer state
     finally:
         FUSED_ADAMW.reset(fused)
         if isinstance(trainer.logger, WandbLogger):  # else a later run of this process (the U-Net

@@ -70,3 +70,27 @@ def test_missing_init_from_fails_before_a_run_folder_is_made(tmp_path):
     with pytest.raises(FileNotFoundError, match="init_from: checkpoint not found: .*missing.ckpt"):
         run_job(cfg)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("cls, base_in", [(ConditionDDPM, 2), (SupervisedUNet, 1)])
+def test_a_k0_checkpoint_starts_a_2p5d_model_that_ignores_its_neighbours_at_first(tmp_path, cls, base_in):
+    """Fine-tuning a 2.5D model from a single-slice one: the added condition channels start
+    at zero weight, so the widened network gives the narrow one's output whatever the
+    neighbours hold; the trained channels keep their weights."""
+    kw = {"image_size": 16, "timesteps": 50} if cls is ConditionDDPM else {}
+    torch.manual_seed(2)
+    narrow = cls(unet_rosinality_config=unet(base_in), **kw)
+    path = saved(narrow, tmp_path / "k0.ckpt")
+    wide = cls(unet_rosinality_config=unet(base_in + 4), context_slices=2, **kw)
+    init_weights(wide, path)
+    x = torch.randn(2, base_in, 16, 16)
+    t = torch.tensor([3, 40])
+    neighbours = torch.randn(2, 4, 16, 16) * 5
+    with torch.no_grad():
+        ref = (narrow.unet_ema if cls is ConditionDDPM else narrow.unet)(x, t)
+        out = wide.unet(torch.cat([x, neighbours], 1), t)
+    assert torch.allclose(out, ref, atol=1e-6)
+    assert wide.unet.conv_in.weight[:, base_in:].abs().max() == 0
+    # a 2.5D checkpoint does not start a narrower model
+    with pytest.raises(CheckpointError, match="does not fit"):
+        init_weights(cls(unet_rosinality_config=unet(base_in), **kw), saved(wide, tmp_path / "k2.ckpt"))
