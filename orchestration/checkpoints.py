@@ -80,7 +80,8 @@ def checkpoint_model_class(hparams: dict) -> type:
 
 
 def load_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu", allow_targets=None):
-    """``cls.load_from_checkpoint`` on a path relative to the repo root, in eval mode.
+    """``cls.load_from_checkpoint`` on a path relative to the repo root, in eval mode
+    (``cls`` None: the model class the checkpoint names).
 
     The file is read once, with ``weights_only=True``, and the ``target`` nodes of its
     hyper-parameters are checked against the default allowlist before the model is built
@@ -96,6 +97,7 @@ def load_checkpoint(cls, path: str | Path, map_location: str | torch.device = "c
     ckpt = read_checkpoint(io.BytesIO(data), path)
     check_hyper_parameters(ckpt, path, allow_targets)
     found = checkpoint_model_class(ckpt.get("hyper_parameters") or {})
+    cls = found if cls is None else cls
     if cls in MODEL_CLASSES and found is not cls:
         raise CheckpointError(f"{path} holds a {found.__name__} checkpoint, not a {cls.__name__}")
     del ckpt

@@ -2,16 +2,16 @@ r"""Evaluate denoisers on the held-out test slices of a run config.
 
     python run_scripts/evaluate.py --config run_scripts/configs/ddpm-cond/CFG.yaml \
         --ckpt path/to/ddpm.ckpt [--unet-ckpt path/to/unet.ckpt] [--out DIR] \
-        [--model KEY=path/to/other_ddpm.ckpt ...] \
+        [--model KEY=path/to/other.ckpt ...] \
         [evaluation.sigmas=[0.05,0.1,0.2] evaluation.max_slices_per_source=4 ...]
 
 Builds the data module from the config's ``data`` section, loads the checkpoints (on
 CPU, then moved to --device), builds the methods of ``evaluation.methods`` and writes
 scores.csv, results.md, psnr_ssim_vs_sigma.png, examples.png and predictions/ into --out.
 The shipped models named by evaluation.pretrained_ddpm and evaluation.unet_ckpt are
-loaded too (the flags replace them). ``--model KEY=PATH`` loads more ConditionDDPMs for
-methods with ``model: KEY``, so several checkpoints are scored on the same noise in one
-table. Methods whose model is missing are skipped.
+loaded too (the flags replace them). ``--model KEY=PATH`` loads more checkpoints (a
+ConditionDDPM or a SupervisedUNet, as the file says) for methods with ``model: KEY``, so
+several checkpoints are scored on the same noise in one table. Methods whose model is missing are skipped.
 
 Exit status 2 with one line on stderr naming the input for a refused input (config key,
 checkpoint, --model, a --device this machine lacks, an --out that cannot be written),
@@ -34,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="second ConditionDDPM for methods with model: ddpm_pretrained "
                              "(default: evaluation.pretrained_ddpm of the config)")
     parser.add_argument("--model", action="append", default=[], metavar="KEY=PATH",
-                        help="another ConditionDDPM for methods with model: KEY (repeatable)")
+                        help="another checkpoint (ConditionDDPM or SupervisedUNet) for methods with "
+                             "model: KEY (repeatable)")
     parser.add_argument("--out", help="output folder (default outputs/evaluation/<config name>)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default cuda if available)")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (OmegaConf dotlist)")
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> dict:
             raise ValueError(f"--model {spec!r}: expected KEY=PATH")
         if key in {k for k, _, p in named if p}:
             raise ValueError(f"--model {spec!r}: the model key {key!r} is already given")
-        named.append((key, ConditionDDPM, path))
+        named.append((key, None, path))
     out_dir = Path(args.out) if args.out else Path("outputs") / "evaluation" / Path(args.config).stem
     check_writable_folder(out_dir, "--out")
     replaced = {"pretrained_ddpm": args.pretrained_ckpt, "unet_ckpt": args.unet_ckpt}  # the flags win

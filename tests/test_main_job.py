@@ -226,6 +226,21 @@ def test_evaluate_script_scores_more_checkpoints_by_key(main_job, tmp_path):
                          "--out", str(tmp_path / "bad"), "--device", "cpu", *main_job["overrides"]])
 
 
+def test_evaluate_script_model_key_loads_a_unet_checkpoint_as_a_unet(main_job, tmp_path):
+    """--model KEY=PATH takes the model class from the checkpoint: a SupervisedUNet given by
+    key scores as the same file given by --unet-ckpt."""
+    script = load_script("evaluate_script", "evaluate.py")
+    unet_ckpt = main_job["run"] / "unet" / "checkpoints" / "last.ckpt"
+    methods = "evaluation.methods=[{name: a, type: unet}, {name: b, type: unet, model: u2}]"
+    result = script.main(["--config", str(main_job["config"]), "--unet-ckpt", str(unet_ckpt),
+                          "--model", f"u2={unet_ckpt}", "--out", str(tmp_path / "eval"), "--device", "cpu",
+                          *main_job["overrides"], methods])
+    rows = read_scores(Path(result["scores_csv"]))
+    a = {r["source"]: float(r["psnr"]) for r in rows if r["method"] == "a"}
+    b = {r["source"]: float(r["psnr"]) for r in rows if r["method"] == "b"}
+    assert a and a == pytest.approx(b, abs=1e-6)
+
+
 def test_evaluate_script_missing_checkpoint(main_job, tmp_path):
     script = load_script("evaluate_script", "evaluate.py")
     with pytest.raises(SystemExit, match="checkpoint not found"):
