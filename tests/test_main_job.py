@@ -157,7 +157,7 @@ def test_scores_csv_numbers(main_job):
     all_rows = read_scores(main_job["run"] / "evaluation" / "scores.csv")
     # the bundled config's evaluation.test_volumes are scored too, as the set "unseen"
     assert {r["source"] for r in all_rows if r["set"] == "unseen"} == {
-        "pydicom_ct_small", "pydicom_mr_small", "mr_colin27_t1_0.5mm"}
+        "pydicom_ct_small", "pydicom_mr_small", "mr_colin27_t1_0.5mm", "mr_dipy_b0", "mr_dipy_t1_coronal"}
     rows = [r for r in all_rows if r["set"] == "same-subject"]
     methods = {r["method"] for r in rows}
     assert methods == {"noisy input", "NLM", "U-Net", "DDPM DDIM 2 from t*"}

@@ -154,7 +154,8 @@ def test_the_05mm_slab_loads_with_05mm_spacing():
 def test_bundled_config_test_volumes_are_not_its_training_volumes():
     cfg = OmegaConf.load(BUNDLED)
     tests = parse_test_volumes(cfg.evaluation.test_volumes, cfg.evaluation.max_slices_per_source)
-    assert [t["name"] for t in tests] == ["pydicom_ct_small", "pydicom_mr_small", "mr_colin27_t1_0.5mm"]
+    assert [t["name"] for t in tests] == ["pydicom_ct_small", "pydicom_mr_small", "mr_colin27_t1_0.5mm",
+                                          "mr_dipy_b0", "mr_dipy_t1_coronal"]
     assert all(t["path"].is_file() for t in tests)
     refuse_training_volumes(tests, training_volume_paths(cfg))
 

@@ -15,7 +15,7 @@ from utils.initialize_configs import load_config
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "run_scripts" / "data"
 RECIPE = ROOT / "run_scripts" / "configs" / "ddpm-cond" / "bundled_mni_augment_context.yaml"
-EVAL = ROOT / "run_scripts" / "configs" / "eval" / "context_and_spacing.yaml"
+EVAL = ROOT / "run_scripts" / "configs" / "eval" / "context_unseen.yaml"
 
 
 @pytest.fixture()

@@ -8,7 +8,7 @@ bundled training slabs, which no training split holds, averaged over n consecuti
   spacing_ct_cranium_{1.5,3,4.5}mm.nii.gz  Cranium slices 88-105, 1.5 mm -> 1.5, 3, 4.5 mm
 
 float32 (MR scanner units, CT HU), RAS, axial slices on the last axis. The test volumes of
-`run_scripts/configs/eval/k_study.yaml` (docs/RESULTS.md, "Neighbouring slices").
+`run_scripts/configs/eval/context_spacing.yaml` (docs/RESULTS.md, "Neighbouring slices").
 
 Usage (apt-get downloads the two Debian packages, as build_bundled_data.py does):
     .venv/bin/python run_scripts/data/build_spacing_test.py [--out DIR]   # default cache/spacing_test
