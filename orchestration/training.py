@@ -280,7 +280,7 @@ def train(cfg: DictConfig, run_dir: Path, resume: str | Path | None = None, buil
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
         ckpt = run_dir / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(ckpt, weights_only=False)  # a full checkpoint: --resume needs the optimizer state
+        trainer.save_checkpoint(ckpt)
     finally:
         FUSED_ADAMW.reset(fused)
         if isinstance(trainer.logger, WandbLogger):  # else a later run of this process (the U-Net
