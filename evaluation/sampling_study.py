@@ -16,8 +16,10 @@ def psnr(clean, pred, mask) -> float:
 
 
 def denoise01(model, noisy, sigma, **kw):
-    """(mean, std) on the [0,1] scale of ``model.denoise`` on one [0,1] slice, seed 0."""
-    x = to_model_units(torch.from_numpy(noisy))[None, None]
+    """(mean, std) on the [0,1] scale of ``model.denoise`` on one [0,1] slice (H, W), or on
+    a 2.5D model's (1+2k, H, W) stack of the slice and its neighbours, seed 0."""
+    x = to_model_units(torch.from_numpy(np.asarray(noisy, dtype=np.float32)))
+    x = x[None, None] if x.ndim == 2 else x[None]
     mean, std = model.denoise(x, sigma=sigma, return_std=True, generator=torch.Generator().manual_seed(0), **kw)
     return from_model_units(mean[0, 0].double().numpy()), std[0, 0].double().numpy() / 2
 
@@ -25,6 +27,7 @@ def denoise01(model, noisy, sigma, **kw):
 def study_slice(model, clean, noisy, sigma, nfe, k, k_steps: int, ancestral_from_noise: bool) -> dict:
     """{(row, NFE or K): body PSNR} of one slice, plus "calibration": (correlation of the
     per-pixel std with |error|, fraction of body pixels within 2 std) at the largest K.
+    ``noisy``: the noisy slice, or for a 2.5D model its (1+2k, H, W) context stack.
 
     Rows: DDIM (eta 0) from the matched start t* (each NFE up to t*+1) and from pure noise,
     ancestral DDPM from t* (t*+1 NFE) and, with ``ancestral_from_noise``, from pure noise

@@ -32,8 +32,8 @@ def check_stack(noisy: torch.Tensor, context_slices: int, channels: int = 1, nam
     (B, channels * (1 + 2 context_slices), H, W) stack."""
     want, k = channels * (1 + 2 * context_slices), context_slices
     if noisy.ndim != 4 or noisy.shape[1] != want:
-        what = ("the slice alone" if k == 0 else
-                f"the slice, then its {k} neighbour(s) before and {k} after: [z, z-{k}..z-1, z+1..z+{k}]")
+        order = "[z, z-1, z+1]" if k == 1 else f"[z, z-{k}..z-1, z+1..z+{k}]"
+        what = "the slice alone" if k == 0 else f"the slice, then its {k} neighbour(s) before and {k} after: {order}"
         raise ValueError(f"{name} must be (B, {want}, H, W) for context_slices={k} ({what}), "
                          f"got shape {tuple(noisy.shape)}")
 

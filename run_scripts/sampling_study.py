@@ -7,7 +7,8 @@ samples tracks the real error. Prints markdown tables (body PSNR in dB on the [0
         [--nfe 1 2 5 10 20 50] [--k 1 2 4 8 16] [--k-steps 5] [--ancestral-slices 1]
 
 Held-out test slices of the config's data (``--slices`` per volume, evenly spaced), Gaussian
-noise seeded as the evaluation seeds it. Rows: DDIM (eta 0) from the matched start t* and
+noise seeded as the evaluation seeds it; a 2.5D checkpoint gets the slice's noisy
+neighbours as the evaluation gives them. Rows: DDIM (eta 0) from the matched start t* and
 from pure noise at each NFE (capped at t*+1 from t*), ancestral DDPM from t* (t*+1 NFE) and
 from pure noise (T NFE, on ``--ancestral-slices`` slices per volume: the slowest row);
 the mean of K samples (eta 1, ``--k-steps`` steps each, from t*); for the largest K the
@@ -21,7 +22,7 @@ import argparse
 import numpy as np
 
 from diffusion_modules.diffusion_utils.noise import GaussianNoise
-from evaluation.loop import slice_noise, slice_rng
+from evaluation.loop import NoisySlices
 from evaluation.sampling_study import report, study_slice
 from models.ddpm_conditioned import ConditionDDPM
 from orchestration.checkpoints import load_checkpoint
@@ -52,9 +53,11 @@ def run(args: argparse.Namespace) -> dict:
     slices = limit_slices(datamodule.test_slices(), args.slices)
     noise = GaussianNoise(sigma=args.sigma)
     results, seen = {}, {}
+    noisy_slices = NoisySlices(noise, args.seed, args.sigma)  # the evaluation's noise, neighbours included
     for s in slices:
         clean = s["clean"].astype(np.float64)
-        noisy, _ = slice_noise(noise, s, clean, slice_rng(args.seed, args.sigma, s["source"], s["slice_index"]))
+        noisy = noisy_slices.context(s, model.context_slices)
+        noisy = noisy[0] if model.context_slices == 0 else noisy
         seen[s["source"]] = seen.get(s["source"], 0) + 1
         row = study_slice(model, clean, noisy, args.sigma, args.nfe, args.k, args.k_steps,
                           seen[s["source"]] <= args.ancestral_slices)

@@ -169,7 +169,8 @@ def test_the_shipped_checkpoint_of_an_earlier_version_loads(tmp_path):
     direct = ConditionDDPM.load_from_checkpoint(str(shipped), map_location="cpu").eval()
     checked = load_checkpoint(ConditionDDPM, shipped)
     assert_same_state(direct, checked)
-    noisy = torch.rand(1, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    stack = 1 + 2 * direct.context_slices  # the slice and its neighbours for a 2.5D model
+    noisy = torch.rand(1, stack, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     assert torch.equal(direct.denoise(noisy, steps=2, t_start="auto", sigma=0.1),
                        checked.denoise(noisy, steps=2, t_start="auto", sigma=0.1))
 

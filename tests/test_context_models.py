@@ -87,7 +87,7 @@ def test_width_and_shape_errors_name_context_slices():
     model, sup = ddpm(1).eval(), SupervisedUNet(unet_rosinality_config=unet(3), context_slices=1)
     single = torch.zeros(2, 1, 16, 16)
     message = r"noisy must be \(B, 3, H, W\) for context_slices=1 \(the slice, then its 1 neighbour\(s\) before " \
-              r"and 1 after: \[z, z-1..z-1, z\+1..z\+1\]\), got shape \(2, 1, 16, 16\)"
+              r"and 1 after: \[z, z-1, z\+1\]\), got shape \(2, 1, 16, 16\)"
     for call in (lambda: model.denoise(single, steps=2, t_start="auto", sigma=0.1), lambda: sup.denoise(single)):
         with pytest.raises(ValueError, match=message):
             call()

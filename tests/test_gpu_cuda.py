@@ -109,9 +109,11 @@ def test_cuda_ddim_loop_makes_no_host_synchronisation():
 def test_cuda_bf16_stays_within_0_05_db_of_fp32_on_two_bundled_test_slices():
     model = load_checkpoint(ConditionDDPM, SHIPPED, map_location="cuda").eval()
     rng = np.random.default_rng(0)
+    k = model.context_slices
     for name, modality in (("mr_colin27_t1", "mr"), ("ct_cranium", "ct")):
-        clean = bundled_test_slice(name, modality)
-        noisy = torch.from_numpy(to_model_units(clean + 0.1 * rng.standard_normal(clean.shape)))[None, None].float()
+        stack = bundled_test_slice(name, modality, k=k).reshape(1 + 2 * k, 96, 96)  # the slice first
+        clean = stack[0]
+        noisy = torch.from_numpy(to_model_units(stack + 0.1 * rng.standard_normal(stack.shape)))[None].float()
         scores = {}
         for key, options in (("fp32", None), ("bf16", {"precision": "bf16", "channels_last": True})):
             out = model.denoise(noisy.cuda(), steps=10, t_start="auto", sigma=0.1, inference=options)

@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from diffusion_modules.diffusion_utils import inference
+from diffusion_modules.diffusion_utils.context import context_indices
 from diffusion_modules.diffusion_utils.inference import InferenceOptions, optimized_networks
 from diffusion_modules.diffusion_utils.sampling import SamplingOptions
 from models.ddpm_conditioned import ConditionDDPM
@@ -166,14 +167,15 @@ def test_inductor_compiled_network_matches_eager_on_cpu():
     torch.testing.assert_close(run(model, {"compile": True}, x), ref, rtol=0, atol=1e-5)
 
 
-def bundled_test_slice(name: str, modality: str, z: int = 44, crop: int = 96) -> np.ndarray:
+def bundled_test_slice(name: str, modality: str, z: int = 44, crop: int = 96, k: int = 0) -> np.ndarray:
     """A held-out test slice (the slab split's test slices are 42-47 of 48) of a bundled
-    volume on the [0,1] scale, the centre ``crop`` x ``crop`` pixels."""
+    volume on the [0,1] scale, the centre ``crop`` x ``crop`` pixels; with k > 0 the
+    (1+2k, crop, crop) stack of it and its k neighbours on each side, in context order."""
     ras = np.asarray(nib.load(str(ROOT / "run_scripts" / "data" / f"{name}.nii.gz")).dataobj, dtype=np.float32)
     low, high = intensity_window(ras, modality)
-    slice01 = to_unit_range(ras[:, :, z], low, high)
-    r, c = (slice01.shape[0] - crop) // 2, (slice01.shape[1] - crop) // 2
-    return slice01[r:r + crop, c:c + crop]
+    r, c = (ras.shape[0] - crop) // 2, (ras.shape[1] - crop) // 2
+    stack = [to_unit_range(ras[r:r + crop, c:c + crop, j], low, high) for j in context_indices(z, k, ras.shape[2])]
+    return stack[0] if k == 0 else np.stack(stack)
 
 
 def psnr(clean01: np.ndarray, pred01: np.ndarray) -> float:
@@ -186,9 +188,11 @@ def test_bf16_stays_within_0_05_db_of_fp32_on_two_bundled_test_slices():
     and CT slice: PSNR of the bf16 result within 0.05 dB of the fp32 result's, per slice."""
     model = load_checkpoint(ConditionDDPM, SHIPPED, map_location="cpu").eval()
     rng = np.random.default_rng(0)
+    k = model.context_slices
     for name, modality in (("mr_colin27_t1", "mr"), ("ct_cranium", "ct")):
-        clean = bundled_test_slice(name, modality)
-        noisy = torch.from_numpy(to_model_units(clean + 0.1 * rng.standard_normal(clean.shape)))[None, None].float()
+        stack = bundled_test_slice(name, modality, k=k).reshape(1 + 2 * k, 96, 96)  # the slice first
+        clean = stack[0]
+        noisy = torch.from_numpy(to_model_units(stack + 0.1 * rng.standard_normal(stack.shape)))[None].float()
         scores = {}
         for precision in ("fp32", "bf16"):
             out = model.denoise(noisy, steps=10, t_start="auto", sigma=0.1, inference={"precision": precision})

@@ -16,6 +16,8 @@ def test_study_slice_rows():
     clean = np.where((yy - 16) ** 2 + (xx - 16) ** 2 < 150, 0.6, 0.0) + 0.2 * (xx / 32)
     sigma = 0.02  # t* is small, so the ancestral row from t* is cheap
     noisy = (clean + sigma * np.random.default_rng(0).standard_normal(clean.shape)).astype(np.float32)
+    if model.context_slices:  # a 2.5D model: a one-slice volume's neighbours are the slice itself
+        noisy = np.repeat(noisy[None], 1 + 2 * model.context_slices, axis=0)
     out = study_slice(model, clean, noisy, sigma, nfe=[1, 2], k=[1, 3], k_steps=2, ancestral_from_noise=False)
     t_star = model.start_timestep("auto", sigma)
     expected = {("DDIM eta 0 from t*", 1), ("DDIM eta 0 from t*", 2), ("DDIM eta 0 from pure noise", 1),
