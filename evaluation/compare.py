@@ -123,9 +123,10 @@ def comparison_table(rows, reference: str, methods: list[str], score: str, group
 
 
 def compare_scores(specs: list[str], reference: str, methods: list[str] | None = None,
-                   score: str = "psnr_masked") -> str:
-    """Markdown: one table per set of ``methods`` (default all but ``reference``) paired per
-    slice against ``reference`` in ``score``, from the ``[TAG=]CSV`` files ``specs``."""
+                   score: str = "psnr_masked", by_source: bool = False) -> str:
+    """Markdown: one table per set (per set and source with ``by_source``) of ``methods``
+    (default all but ``reference``) paired per slice against ``reference`` in ``score``,
+    from the ``[TAG=]CSV`` files ``specs``."""
     if score not in NUMERIC:
         raise ValueError(f"--score: unknown score {score!r}; choose from {', '.join(NUMERIC)}")
     rows = tagged_rows(specs, score)
@@ -137,6 +138,9 @@ def compare_scores(specs: list[str], reference: str, methods: list[str] | None =
     refuse_infinite(rows, [reference, *methods], score)
     parts = [f"{score}, paired per slice against {reference}; files: {', '.join(specs)}"]
     for group in SETS:
-        if any(r["set"] == group for r in rows):
-            parts.append(f"\n### {group}\n\n" + comparison_table(rows, reference, methods, score, group))
+        sources = sorted({r["source"] for r in rows if r["set"] == group})
+        for source in (sources if by_source else [None] if sources else []):
+            mine = [r for r in rows if source is None or r["source"] == source]
+            title = group if source is None else f"{group}: {source}"
+            parts.append(f"\n### {title}\n\n" + comparison_table(mine, reference, methods, score, group))
     return "\n".join(parts) + "\n"

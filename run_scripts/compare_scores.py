@@ -2,7 +2,7 @@ r"""Paired comparison of methods in one or more evaluation scores.csv files.
 
     python run_scripts/compare_scores.py --reference "DDPM flips only" \
         --scores seed0=outputs/ablation_seed0/scores.csv seed1=outputs/ablation_seed1/scores.csv \
-        [--methods "DDPM all" ...] [--score psnr_masked] [--out table.md]
+        [--methods "DDPM all" ...] [--score psnr_masked] [--by-source] [--out table.md]
 
 The files (one per training seed, say; TAG names each) must score the same slices with
 the same noise: a method's score on a slice is averaged over them. The unit of
@@ -11,7 +11,9 @@ averaged over the tags, and, in the "all levels" rows, over the noise levels too
 it is paired with the reference's on the same slice. The interval is a 95 % percentile
 bootstrap of the mean per-slice difference (metrics.statistics.paired_comparison; the logic is evaluation/compare.py), so it
 covers slice-to-slice variation, and training-seed variation only as far as the tags
-average it out. One Markdown table per set (same-subject, unseen) is printed.
+average it out. One Markdown table per set (same-subject, unseen) is printed, or with
+--by-source one per set and source (volume). A method may come from one file and the
+reference from another, as long as they score the same slices with the same noise.
 
 Refused, with the rows named as FILE:LINE (exit status 2): a row without a numeric sigma,
 two rows of the same tag, set, method, source, slice and sigma (files tagged alike, or
@@ -37,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--reference", required=True, help="the method every other is compared with")
     parser.add_argument("--methods", nargs="*", help="methods to compare (default: all but the reference)")
     parser.add_argument("--score", default="psnr_masked", help="a score column (default psnr_masked: body PSNR, dB)")
+    parser.add_argument("--by-source", action="store_true", help="one table per source (volume) of each set")
     parser.add_argument("--out", help="also write the tables to this Markdown file")
     return parser.parse_args(argv)
 
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> str:
         if Path(args.out).is_dir():
             raise IsADirectoryError(f"--out {args.out}: is a folder, not a Markdown file")
         check_writable_folder(Path(args.out).absolute().parent, "--out")
-    text = compare_scores(args.scores, args.reference, args.methods, args.score)
+    text = compare_scores(args.scores, args.reference, args.methods, args.score, by_source=args.by_source)
     print(text)
     if args.out:
         atomic_text(Path(args.out), text)

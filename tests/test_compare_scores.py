@@ -52,6 +52,28 @@ def test_the_slice_is_the_unit_and_tags_are_averaged(tmp_path, capsys):
     assert same.count("| new |") == 3  # levels 0.1, 0.2 and all levels
 
 
+def test_by_source_gives_one_table_per_volume_and_methods_split_across_files_pair(tmp_path):
+    """--by-source: a table per (set, source), each pairing only that volume's slices; a
+    method scored in one file pairs with a reference scored in another (same slices)."""
+    script = load_script("compare_scores.py")
+    rows = scores(0.5, 0)
+    for r in rows[:]:  # a second unseen volume where 'new' is 2 dB worse
+        if r["set"] == "unseen":
+            rows.append({**r, "source": "w", "psnr_masked": r["psnr_masked"] - (2.5 if r["method"] == "new" else 0)})
+    ref = write_scores(tmp_path / "ref.csv", [r for r in rows if r["method"] == "ref"])
+    new = write_scores(tmp_path / "new.csv", [r for r in rows if r["method"] == "new"])
+    text = script.main(["--scores", f"a={ref}", f"b={new}", "--reference", "ref", "--by-source"])
+    assert "### same-subject: vsame-subject" in text and "### unseen: vunseen" in text and "### unseen: w" in text
+    for title, diff in (("### unseen: vunseen", 0.6), ("### unseen: w", -1.9)):  # mean of offset + 0.1 i
+        table = text.split(title)[1].split("###")[0]
+        row = next(line for line in table.splitlines() if line.startswith("| all levels | new |"))
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[2] == "3" and float(cells[5]) == pytest.approx(diff, abs=0.005)
+    pooled = script.main(["--scores", f"a={ref}", f"b={new}", "--reference", "ref"])
+    row = next(line for line in pooled.split("### unseen")[1].splitlines() if line.startswith("| all levels | new |"))
+    assert row.split("|")[3].strip() == "6"  # both unseen volumes pooled: 6 slices
+
+
 def test_refusals(tmp_path):
     script = load_script("compare_scores.py")
     a = write_scores(tmp_path / "a.csv", scores(0.5, 0))
