@@ -51,6 +51,9 @@ from utils.volume_io import from_ras_array, ras_array, read_dicom_series, read_i
 #: outside the intensity window, in units of the noise sigma: fully denoised up to the
 #: first, passed through from the second, linear in between
 EDGE_BAND_SIGMAS = (2.0, 4.0)
+#: mm: slices further apart than this get a warning with a 2.5D model, whose training neighbours
+#: were 1-1.5 mm apart (docs/RESULTS.md, "Neighbouring slices": it loses to k = 0 from 3 mm on)
+THICK_CONTEXT_MM = 2.0
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
@@ -236,7 +239,9 @@ def denoise_volume(model: ConditionDDPM, input_path, output_path, *, std_path=No
     modality: "ct" | "mr"; None: the DICOM Modality tag, else inferred from the intensities.
     Returns what was done: modality and ``modality_source`` (how it was chosen), sigma ([0,1]
     and input units), t* (None when nothing was denoised), plane, slices, ``context_slices``
-    (the model's neighbours on each side, 0 for a 2-D model), the intensity ``window`` (low,
+    (the model's neighbours on each side, 0 for a 2-D model), ``slice_spacing`` (mm between the
+    denoised slices) and ``context_warning`` (None, or why a 2.5D model may do worse on slices
+    this far apart: above THICK_CONTEXT_MM), the intensity ``window`` (low,
     high), ``unchanged`` (None, or why the input was written unchanged), output paths, seconds.
     """
     start = time.time()
@@ -258,7 +263,15 @@ def denoise_volume(model: ConditionDDPM, input_path, output_path, *, std_path=No
     info = {"modality": modality, "modality_source": modality_source, "plane": plane,
             "slices": int(ras.shape[PLANE_AXES[plane][0]]), "window": (low, high), "t_star": None,
             "context_slices": int(getattr(model, "context_slices", 0) or 0),
+            "slice_spacing": float(zooms[PLANE_AXES[plane][0]]), "context_warning": None,
             "sigma01": 0.0 if sigma == "auto" else float(sigma), "sigma_units": 0.0, "unchanged": None}
+    if info["context_slices"] and info["slice_spacing"] > THICK_CONTEXT_MM:
+        info["context_warning"] = (
+            f"this 2.5D model's neighbouring slices were 1-1.5 mm apart in training; these {plane} slices are "
+            f"{info['slice_spacing']:g} mm apart, where the 2.5D models denoised worse than single-slice ones "
+            "(docs/RESULTS.md, 'Neighbouring slices'): prefer a plane with thinner slices (--plane) or a "
+            "single-slice checkpoint")
+        warnings.warn(info["context_warning"])
     out, std_units = ras, None
     if not high > low:
         info["unchanged"] = (f"no noise to remove: the {modality} intensity window is empty (one foreground "

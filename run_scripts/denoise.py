@@ -104,6 +104,8 @@ def run(argv: list[str] | None = None) -> dict:
     context = (f" (2.5D: each with its {info['context_slices']} noisy neighbour(s) on each side)"
                if info.get("context_slices") else "")
     print(f"{info['slices']} {info['plane']} slices{context} in {info['seconds']:.1f} s; wrote {info['output']}")
+    if info.get("context_warning"):
+        print(f"note: {info['context_warning']}")
     if info.get("std"):
         print(f"std map: {info['std']}")
     if info.get("output_dicom"):

@@ -2,6 +2,7 @@
 noisy slice and its k noisy neighbours on each side ([z, z-k..z-1, z+1..z+k], reflected at
 the volume's ends); the noise of every slice is keyed by (seed, level, source, slice index),
 so a neighbour carries exactly the noise it has when it is scored itself."""
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -179,8 +180,10 @@ def test_denoise_volume_runs_a_k1_checkpoint_with_its_neighbours(tmp_path):
     vol = np.where(np.arange(32)[:, None, None] > 4, 40.0, -1000.0) + rng.normal(0, 60, (32, 30, 4))
     path = tmp_path / "ct.nii.gz"
     nib.save(nib.Nifti1Image(vol.astype(np.float32), np.diag([0.9, 0.9, 3.0, 1.0])), str(path))
-    info = denoise_volume(model, path, tmp_path / "out.nii.gz", modality="ct", sigma=0.02, progress=False)
+    with pytest.warns(UserWarning, match="1-1.5 mm apart in training; these axial slices are 3 mm apart"):
+        info = denoise_volume(model, path, tmp_path / "out.nii.gz", modality="ct", sigma=0.02, progress=False)
     assert info["context_slices"] == 1 and info["plane"] == "axial" and info["slices"] == 4
+    assert info["slice_spacing"] == pytest.approx(3.0) and "--plane" in info["context_warning"]
     stacks = torch.cat(seen)
     assert stacks.shape[1] == 3 and stacks.shape[0] == 4  # each axial slice with z-1 and z+1
     centre = stacks[:, 0]
@@ -188,3 +191,23 @@ def test_denoise_volume_runs_a_k1_checkpoint_with_its_neighbours(tmp_path):
     np.testing.assert_array_equal(stacks[1, 1].numpy(), centre[0].numpy())
     np.testing.assert_array_equal(stacks[1, 2].numpy(), centre[2].numpy())
     np.testing.assert_array_equal(stacks[3, 2].numpy(), centre[2].numpy())  # last slice: z+1 reflects to 2
+
+
+def test_no_thick_slice_note_at_2_mm_or_for_a_single_slice_model(tmp_path):
+    """The note on neighbours further apart than in training: above 2 mm, 2.5D models only."""
+    import nibabel as nib
+
+    vol = np.where(np.arange(32)[:, None, None] > 4, 40.0, -1000.0) + np.random.default_rng(1).normal(0, 60, (32, 30, 4))
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(vol.astype(np.float32), np.diag([0.9, 0.9, 2.0, 1.0])), str(path))
+    thick = tmp_path / "thick.nii.gz"
+    nib.save(nib.Nifti1Image(vol.astype(np.float32), np.diag([0.9, 0.9, 5.0, 1.0])), str(thick))
+    for k, source, expect in ((1, path, None), (0, thick, None)):
+        model = ConditionDDPM.load_from_checkpoint(str(CKPT), map_location="cpu").eval()
+        model.context_slices = k
+        model.denoise = lambda noisy, **kw: (noisy[:, :1].clone(), torch.zeros_like(noisy[:, :1]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no note, no other warning
+            info = denoise_volume(model, source, tmp_path / f"out{k}.nii.gz", modality="ct", sigma=0.02,
+                                  progress=False)
+        assert info["context_warning"] is expect
