@@ -14,7 +14,8 @@ LIBRARY = ("utils", "diffusion_modules", "models", "metrics", "evaluation", "orc
 
 
 def imported_roots(folders) -> dict:
-    """{top-level module: first file importing it} of the non-standard, non-project imports."""
+    """{top-level module: first file importing it} of the non-standard, non-project imports
+    (a script's sibling module, ``build_bundled_data`` next to the data builders, is ours)."""
     found = {}
     for folder in folders:
         for path in sorted((ROOT / folder).rglob("*.py")):
@@ -23,7 +24,8 @@ def imported_roots(folders) -> dict:
                          [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
                 for name in names:
                     top = name.split(".")[0]
-                    if top not in sys.stdlib_module_names and top not in LIBRARY:
+                    sibling = (path.parent / f"{top}.py").is_file()
+                    if top not in sys.stdlib_module_names and top not in LIBRARY and not sibling:
                         found.setdefault(top, str(path.relative_to(ROOT)))
     return found
 
