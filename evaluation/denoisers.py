@@ -301,6 +301,18 @@ def plain_dict(cfg) -> dict:
     return dict(cfg)
 
 
+def _check_model_kind(name: str, kind: str, key: str, model) -> None:
+    """ValueError when a method of type ``ddpm`` gets one of our U-Nets or ``unet`` one of our
+    DDPMs (``--model KEY=PATH`` loads either), before any slice is scored."""
+    from models.ddpm_conditioned import ConditionDDPM
+    from models.supervised_unet import SupervisedUNet
+
+    wanted = {"ddpm": ConditionDDPM, "unet": SupervisedUNet}[kind]
+    if isinstance(model, (ConditionDDPM, SupervisedUNet)) and not isinstance(model, wanted):
+        raise ValueError(f"denoiser {name!r} (type {kind}) needs a {wanted.__name__}; the {key!r} model is a "
+                         f"{type(model).__name__}")
+
+
 def build_denoiser(cfg, models: dict, device: str = "cpu") -> Denoiser:
     """Builds a denoiser from a config entry.
 
@@ -333,6 +345,7 @@ def build_denoiser(cfg, models: dict, device: str = "cpu") -> Denoiser:
             model = models.get(key)
             if model is None:
                 raise ValueError(f"denoiser {name!r} needs the {key!r} model, none was given")
+            _check_model_kind(name, kind, key, model)
             denoiser = ModelDenoiser(model, name, device=device, **params)
         else:
             cls = {"noisy": NoisyInput, "nlm": NLMDenoiser, "bm3d": BM3DDenoiser, "bm4d": BM4DDenoiser}[kind]

@@ -327,3 +327,14 @@ def test_preparing_the_evaluation_leaves_the_training_random_state_alone(main_jo
     job = run_job.prepare_job(cfg)
     assert "ddpm_pretrained" in job["models"]
     assert torch.equal(torch.get_rng_state(), alone[0]) and np.array_equal(np.random.get_state()[1], alone[1])
+
+
+def test_evaluate_script_refuses_a_unet_for_a_ddpm_method_before_scoring(main_job, tmp_path):
+    """--model loads either class; a method of the other type is refused by name, exit 2."""
+    script = load_script("evaluate_script", "evaluate.py")
+    unet_ckpt = main_job["run"] / "unet" / "checkpoints" / "last.ckpt"
+    methods = "evaluation.methods=[{name: wrong, type: ddpm, model: u2}]"
+    with pytest.raises(SystemExit, match="'wrong' \\(type ddpm\\) needs a ConditionDDPM; the 'u2' model is a SupervisedUNet"):
+        script.main(["--config", str(main_job["config"]), "--model", f"u2={unet_ckpt}", "--out", str(tmp_path / "e"),
+                     "--device", "cpu", *main_job["overrides"], methods])
+    assert not (tmp_path / "e" / "scores.csv").exists()
