@@ -95,7 +95,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> pl.Trainer:
         raise ConfigError(f"trainer: {' '.join(str(err).split())}") from err
 
 
-def widen_condition_input(weights: dict, model, found_k: int) -> dict:
+def widen_condition_input(weights: dict, model, found_k: int, path: Path) -> dict:
     """``weights`` of a UNet trained with ``found_k`` neighbouring slices, widened for
     ``model``'s larger k: the first convolution gets zero weights for the added condition
     channels. They come last in the input (cat([x_t, z, z-k..z+k]) and the UNet's fold keeps
@@ -104,7 +104,7 @@ def widen_condition_input(weights: dict, model, found_k: int) -> dict:
     conv = model.unet.conv_in.weight
     old = weights.get("conv_in.weight")
     if old is None or old.shape[0] != conv.shape[0] or old.shape[2:] != conv.shape[2:] or old.shape[1] >= conv.shape[1]:
-        raise CheckpointError(f"init_from: a {found_k}-neighbour checkpoint cannot start a "
+        raise CheckpointError(f"init_from: {path}, a {found_k}-neighbour checkpoint, cannot start a "
                               f"{model.context_slices}-neighbour model: its first convolution does not fit")
     wide = torch.zeros_like(conv, dtype=old.dtype)
     wide[:, :old.shape[1]] = old
@@ -136,7 +136,7 @@ def init_weights(model, path: str | Path, allow_targets=None) -> None:
     weights = {k[len(prefix):]: v.float() for k, v in state.items() if k.startswith(prefix)}
     found_k = int((ckpt.get("hyper_parameters") or {}).get("context_slices", 0) or 0)
     if found_k < getattr(model, "context_slices", 0):
-        weights = widen_condition_input(weights, model, found_k)
+        weights = widen_condition_input(weights, model, found_k, path)
     try:
         model.unet.load_state_dict(weights)
     except RuntimeError as err:

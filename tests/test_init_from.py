@@ -92,5 +92,9 @@ def test_a_k0_checkpoint_starts_a_2p5d_model_that_ignores_its_neighbours_at_firs
     assert torch.allclose(out, ref, atol=1e-6)
     assert wide.unet.conv_in.weight[:, base_in:].abs().max() == 0
     # a 2.5D checkpoint does not start a narrower model
-    with pytest.raises(CheckpointError, match="does not fit"):
+    with pytest.raises(CheckpointError, match=r"k2\.ckpt.*does not fit"):
         init_weights(cls(unet_rosinality_config=unet(base_in), **kw), saved(wide, tmp_path / "k2.ckpt"))
+    # a narrower checkpoint of another width cannot be widened: the error names the file
+    other = saved(cls(unet_rosinality_config=unet(base_in, channel=16), **kw), tmp_path / "k0_wide.ckpt")
+    with pytest.raises(CheckpointError, match=r"k0_wide\.ckpt, a 0-neighbour checkpoint, cannot start a 2-neighbour"):
+        init_weights(cls(unet_rosinality_config=unet(base_in + 4), context_slices=2, **kw), other)
