@@ -139,7 +139,9 @@ def compare_scores(specs: list[str], reference: str, methods: list[str] | None =
     parts = [f"{score}, paired per slice against {reference}; files: {', '.join(specs)}"]
     for group in SETS:
         sources = sorted({r["source"] for r in rows if r["set"] == group})
-        for source in (sources if by_source else [None] if sources else []):
+        if not sources:
+            continue
+        for source in (sources if by_source else [None]):
             mine = [r for r in rows if source is None or r["source"] == source]
             title = group if source is None else f"{group}: {source}"
             parts.append(f"\n### {title}\n\n" + comparison_table(mine, reference, methods, score, group))

@@ -27,7 +27,7 @@ def denoise01(model, noisy, sigma, **kw):
 def study_slice(model, clean, noisy, sigma, nfe, k, k_steps: int, ancestral_from_noise: bool) -> dict:
     """{(row, NFE or K): body PSNR} of one slice, plus "calibration": (correlation of the
     per-pixel std with |error|, fraction of body pixels within 2 std) at the largest K.
-    ``noisy``: the noisy slice, or for a 2.5D model its (1+2k, H, W) context stack.
+    ``noisy``: the noisy slice (H, W), or its (1+2k, H, W) context stack (k = 0: one slice).
 
     Rows: DDIM (eta 0) from the matched start t* (each NFE up to t*+1) and from pure noise,
     ancestral DDPM from t* (t*+1 NFE) and, with ``ancestral_from_noise``, from pure noise

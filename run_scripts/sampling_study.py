@@ -56,8 +56,7 @@ def run(args: argparse.Namespace) -> dict:
     noisy_slices = NoisySlices(noise, args.seed, args.sigma)  # the evaluation's noise, neighbours included
     for s in slices:
         clean = s["clean"].astype(np.float64)
-        noisy = noisy_slices.context(s, model.context_slices)
-        noisy = noisy[0] if model.context_slices == 0 else noisy
+        noisy = noisy_slices.context(s, model.context_slices)  # (1+2k, H, W), the slice first
         seen[s["source"]] = seen.get(s["source"], 0) + 1
         row = study_slice(model, clean, noisy, args.sigma, args.nfe, args.k, args.k_steps,
                           seen[s["source"]] <= args.ancestral_slices)
