@@ -12,8 +12,7 @@ from diffusion_modules.diffusion_utils.sampling import matched_timestep, run_cha
 from diffusion_modules.unet_arch.unet_rosinality import UNet
 from models.ddpm_conditioned import ConditionDDPM
 from orchestration.checkpoints import load_checkpoint
-from test_inference_options import SHIPPED, bundled_test_slice, psnr, tiny_model
-from utils.intensity import to_model_units
+from test_inference_options import SHIPPED, bf16_against_fp32, tiny_model
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -108,16 +107,7 @@ def test_cuda_ddim_loop_makes_no_host_synchronisation():
 @pytest.mark.skipif(not SHIPPED.is_file(), reason="the shipped model is not in this checkout")
 def test_cuda_bf16_stays_within_0_05_db_of_fp32_on_two_bundled_test_slices():
     model = load_checkpoint(ConditionDDPM, SHIPPED, map_location="cuda").eval()
-    rng = np.random.default_rng(0)
-    k = model.context_slices
-    for name, modality in (("mr_colin27_t1", "mr"), ("ct_cranium", "ct")):
-        stack = bundled_test_slice(name, modality, k=k).reshape(1 + 2 * k, 96, 96)  # the slice first
-        clean = stack[0]
-        noisy = torch.from_numpy(to_model_units(stack + 0.1 * rng.standard_normal(stack.shape)))[None].float()
-        scores = {}
-        for key, options in (("fp32", None), ("bf16", {"precision": "bf16", "channels_last": True})):
-            out = model.denoise(noisy.cuda(), steps=10, t_start="auto", sigma=0.1, inference=options)
-            scores[key] = psnr(clean, ((out[0, 0].cpu().numpy() + 1) / 2).clip(0, 1))
+    for name, scores in bf16_against_fp32(model, {"precision": "bf16", "channels_last": True}).items():
         assert abs(scores["bf16"] - scores["fp32"]) <= 0.05, (name, scores)
 
 

@@ -91,19 +91,26 @@ def test_channels_last_and_compile_keep_the_checkpoint_keys():
     assert list(model.state_dict()) == keys  # no _orig_mod. prefix: checkpoints load as before
 
 
-def test_a_cpu_run_with_channels_last_and_fused_adamw_trains(tmp_path):
-    cfg = tiny_run_cfg(tmp_path, "csv")
-    cfg["trainer"].update(channels_last=True, fused_adamw=True, max_steps=2, val_check_interval=2)
+def train_and_check(cfg: dict, tmp_path, steps: int):
+    """Train the run config ``cfg``; the model trained ``steps`` steps with fused AdamW, and
+    its checkpoint holds finite weights with the usual keys and shapes."""
     cfg = OmegaConf.create(cfg)
     check_run_config(cfg)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     model, _, ckpt = train(cfg, run_dir)
-    assert model.trainer.optimizers[0].defaults["fused"] is True and model.trainer.global_step == 2
-    assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.trainer.optimizers[0].defaults["fused"] is True and model.trainer.global_step == steps
     state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-    tiny_model().load_state_dict(state)  # the usual keys and shapes
+    tiny_model().load_state_dict(state)
+    return model
+
+
+def test_a_cpu_run_with_channels_last_and_fused_adamw_trains(tmp_path):
+    cfg = tiny_run_cfg(tmp_path, "csv")
+    cfg["trainer"].update(channels_last=True, fused_adamw=True, max_steps=2, val_check_interval=2)
+    model = train_and_check(cfg, tmp_path, steps=2)
+    assert model.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -112,12 +119,4 @@ def test_cuda_run_with_every_speed_option_and_bf16_trains(tmp_path):
     cfg["trainer"].update(accelerator="gpu", devices=1, precision="bf16-mixed", channels_last=True,
                           compile_unet=True, max_steps=4)
     cfg["data"]["params"]["num_workers"] = 2  # persistent workers, pinned memory (automatic on CUDA)
-    cfg = OmegaConf.create(cfg)
-    check_run_config(cfg)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    model, _, ckpt = train(cfg, run_dir)
-    assert model.trainer.optimizers[0].defaults["fused"] is True and model.trainer.global_step == 4
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-    tiny_model().load_state_dict(state)
+    train_and_check(cfg, tmp_path, steps=4)
