@@ -70,17 +70,22 @@ def atomic_save(img: nib.Nifti1Image, target: Path) -> None:
             os.remove(tmp)
 
 
+def save_nifti(data: np.ndarray, affine: np.ndarray, dtype, target: Path) -> None:
+    """``data`` as ``dtype`` in a NIfTI-1 file with ``affine`` and mm units, saved atomically."""
+    img = nib.Nifti1Image(data.astype(dtype), affine)
+    img.header.set_data_dtype(dtype)
+    img.header.set_xyzt_units("mm")
+    atomic_save(img, target)
+
+
 def build_mr(root: Path, target: Path, full: bool) -> None:
     """Cut a block of axial slices (all with full) out of Colin27 (already RAS, uint8)."""
     src = nib.load(root / MR_MEMBER)
     lo, hi = (0, src.shape[2]) if full else MR_SLICES
-    data = np.asarray(src.dataobj)[:, :, lo:hi].astype(np.uint8)
+    data = np.asarray(src.dataobj)[:, :, lo:hi]
     affine = src.affine.copy()
     affine[:3, 3] = src.affine[:3, :3] @ np.array([0, 0, lo]) + src.affine[:3, 3]
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_data_dtype(np.uint8)
-    img.header.set_xyzt_units("mm")
-    atomic_save(img, target)
+    save_nifti(data, affine, np.uint8, target)
 
 
 def build_mr_05mm(root: Path, target: Path) -> None:
@@ -99,10 +104,7 @@ def build_mr_05mm(root: Path, target: Path) -> None:
     data = np.ascontiguousarray(slab[lo[0] : hi[0], lo[1] : hi[1]])
     affine = src.affine.copy()
     affine[:3, 3] = src.affine[:3, :3] @ np.array([lo[0], lo[1], z0]) + src.affine[:3, 3]
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_data_dtype(np.uint8)
-    img.header.set_xyzt_units("mm")
-    atomic_save(img, target)
+    save_nifti(data, affine, np.uint8, target)
 
 
 def read_inv3(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
@@ -124,13 +126,10 @@ def build_ct(root: Path, target: Path, full: bool) -> None:
     # radiological display (anterior up, patient's right on the image left) results.
     display = volume[lo:hi, ::-1, :]
     # Radiological display D[r, c] corresponds to RAS voxel [nx-1-c, ny-1-r].
-    ras = np.ascontiguousarray(display.transpose(2, 1, 0)[::-1, ::-1, :]).astype(np.int16)
+    ras = np.ascontiguousarray(display.transpose(2, 1, 0)[::-1, ::-1, :])
     affine = np.diag([sx, sy, sz, 1.0])
     affine[:3, 3] = -0.5 * np.array(ras.shape) * np.array([sx, sy, sz])
-    img = nib.Nifti1Image(ras, affine)
-    img.header.set_data_dtype(np.int16)
-    img.header.set_xyzt_units("mm")
-    atomic_save(img, target)
+    save_nifti(ras, affine, np.int16, target)
 
 
 def main() -> None:

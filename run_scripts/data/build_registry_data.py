@@ -29,7 +29,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from build_bundled_data import atomic_save
+from build_bundled_data import save_nifti
 
 WHEELS = ("nilearn==0.14.1", "dipy==1.12.1")
 MNI_MEMBER = "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
@@ -52,13 +52,6 @@ def fetch_members(workdir: Path) -> Path:
     return root
 
 
-def save(data: np.ndarray, affine: np.ndarray, dtype, target: Path) -> None:
-    img = nib.Nifti1Image(data.astype(dtype), affine)
-    img.header.set_data_dtype(dtype)
-    img.header.set_xyzt_units("mm")
-    atomic_save(img, target)
-
-
 def build_mni(root: Path, target: Path) -> None:
     """The MNI slab at WORLD_Z, cropped in-plane to its nonzero voxels plus CROP_MARGIN."""
     src = nib.load(root / MNI_MEMBER)
@@ -70,13 +63,13 @@ def build_mni(root: Path, target: Path) -> None:
     hi = np.minimum(nonzero.max(axis=0) + CROP_MARGIN + 1, slab.shape[:2])
     affine = src.affine.copy()
     affine[:3, 3] = src.affine[:3, :3] @ np.array([lo[0], lo[1], z0]) + src.affine[:3, 3]
-    save(np.ascontiguousarray(slab[lo[0] : hi[0], lo[1] : hi[1]]), affine, np.uint8, target)
+    save_nifti(np.ascontiguousarray(slab[lo[0] : hi[0], lo[1] : hi[1]]), affine, np.uint8, target)
 
 
 def build_b0(root: Path, target: Path) -> None:
     """dipy's anisotropic-voxel b0 volume, voxels and affine as shipped."""
     src = nib.load(root / B0_MEMBER)
-    save(np.asarray(src.dataobj), src.affine, np.int16, target)
+    save_nifti(np.asarray(src.dataobj), src.affine, np.int16, target)
 
 
 def build_t1_coronal(root: Path, target: Path) -> None:
@@ -84,7 +77,7 @@ def build_t1_coronal(root: Path, target: Path) -> None:
     become the second array axis, flipped, so that a viewer shows it upright."""
     image = np.load(root / T1_CORONAL_MEMBER)
     volume = np.ascontiguousarray(image.T[:, ::-1, None])
-    save(volume, np.eye(4), np.float32, target)
+    save_nifti(volume, np.eye(4), np.float32, target)
 
 
 def main() -> None:

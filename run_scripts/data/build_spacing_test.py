@@ -21,7 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from build_bundled_data import CT_SLICES, MR_SLICES, atomic_save, build_ct, build_mr, fetch_packages
+from build_bundled_data import CT_SLICES, MR_SLICES, build_ct, build_mr, fetch_packages, save_nifti
 
 MR_ABOVE = (MR_SLICES[1], MR_SLICES[1] + 30)  # 30 slices of 1 mm above the training slab
 CT_ABOVE = (CT_SLICES[1], CT_SLICES[1] + 18)  # 18 slices of 1.5 mm above it (of 108)
@@ -41,10 +41,7 @@ def write_thick(full: Path, lo_hi: tuple[int, int], factors: dict[str, int], ste
         affine = src.affine.copy()
         affine[:3, 2] *= n
         affine[:3, 3] = src.affine[:3, :3] @ np.array([0, 0, lo + (n - 1) / 2]) + src.affine[:3, 3]
-        img = nib.Nifti1Image(thick_slices(thin, n).astype(np.float32), affine)
-        img.header.set_data_dtype(np.float32)
-        img.header.set_xyzt_units("mm")
-        atomic_save(img, out / f"{stem}_{label}.nii.gz")
+        save_nifti(thick_slices(thin, n), affine, np.float32, out / f"{stem}_{label}.nii.gz")
 
 
 def main() -> None:
